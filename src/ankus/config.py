@@ -181,3 +181,61 @@ def build(cls: type[T], data: Mapping[str, Any], overrides: Sequence[str] | Mapp
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections shared by the trainers' configs. A trainer's config composes these with its own.
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    spec: str = "smollm2-135m-instruct"
+    """Model spec for ankus.load_model: a known name (see `ankus models`), an HF directory or a .gguf file."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 (default, exact) or bfloat16."""
+    seed: int = 0
+    """Init seed for the random-init tiny-* specs."""
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    lr: float = 3e-5
+    """AdamW learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 1e-6
+    """AdamW weight decay."""
+    batch_size: int = 8
+    """Examples per optimizer step (on each process)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the batch is split into this many pieces."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
+    total_steps: int = 100
+    """Optimizer steps (or outer iterations, for PPO) to run."""
+    warmup_steps: int = 0
+    """Linear LR warm-up steps."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    log_every: int = 1
+    """Write metrics every this many steps."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every this many steps; 0 = only at the end."""
+    keep_last: int = 2
+    """Resumable checkpoints kept; older ones are deleted."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a NaN/inf loss or gradient."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    out_dir: str = "runs"
+    """Parent directory of run directories."""
+    name: str = ""
+    """Run directory name; empty = <algorithm>-<timestamp>."""
+    save_model: bool = True
+    """Save the final model in Hugging Face format under <run>/model."""
+    progress: bool = True
+    """Show progress bars."""

@@ -1,0 +1,187 @@
+"""The ``ankus`` command line: ``models``, ``generate``, ``train``, ``demo``.
+
+Trainers are named in a plain dict from algorithm name to ``module:function``; a trainer module
+exposes ``Config`` (its schema) and ``train(cfg, **kwargs)``. Modules import lazily, so
+``ankus --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ankus.config import ConfigError, build, read_yaml
+
+# algorithm name -> trainer module (exposing Config and train)
+TRAINERS: dict[str, str] = {
+    "ppo": "ankus.trainers.ppo",
+    "sft": "ankus.trainers.sft",
+    "reward_model": "ankus.trainers.reward_model",
+    "ilql": "ankus.trainers.ilql",
+    "dpo": "ankus.trainers.dpo",
+}
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def trainer_module(algorithm: str):
+    if algorithm not in TRAINERS:
+        raise ConfigError(f"unknown algorithm '{algorithm}'; known: {', '.join(TRAINERS)}")
+    try:
+        return importlib.import_module(TRAINERS[algorithm])
+    except ModuleNotFoundError as e:
+        if e.name == TRAINERS[algorithm]:
+            raise ConfigError(f"the '{algorithm}' trainer is not available in this version of ankus") from None
+        raise
+
+
+def resolve_recipe(recipe: str | Path) -> Path:
+    """A recipe path, or a bare name looked up in the shipped recipes/ directory."""
+    path = Path(recipe)
+    if path.exists():
+        return path
+    for candidate in (RECIPES_DIR / recipe, RECIPES_DIR / f"{recipe}.yaml"):
+        if candidate.exists():
+            return candidate
+    shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.exists() else []
+    raise ConfigError(f"recipe not found: {recipe}. Shipped recipes: {', '.join(shipped) or 'none'}")
+
+
+def run_recipe(recipe: str | Path | Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any] = (),
+               resume: bool = False, **kwargs):
+    """Load a recipe (a path, a shipped name, or a dict), apply overrides, and run its trainer."""
+    data = dict(recipe) if isinstance(recipe, Mapping) else read_yaml(resolve_recipe(recipe))
+    algorithm = data.get("algorithm")
+    if not algorithm:
+        raise ConfigError(f"the recipe has no 'algorithm' key; set it to one of: {', '.join(TRAINERS)}")
+    module = trainer_module(algorithm)
+    cfg = build(module.Config, data, overrides)
+    if resume:
+        kwargs["resume"] = True
+    return module.train(cfg, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_models(args) -> int:
+    from ankus.models.loading import DEFAULT_MODEL, KNOWN_MODELS
+
+    for name, known in KNOWN_MODELS.items():
+        mark = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name:24s}{known.description}{mark}")
+    print("\nAlso accepted: a local Hugging Face model directory, or a path to a .gguf file.")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from ankus.generation import GenerationConfig, generate
+    from ankus.models.loading import load_model
+
+    prompts = list(args.prompts)
+    if args.file:
+        lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        print("error: give one or more prompts, or --file with one prompt per line", file=sys.stderr)
+        return 2
+    model, tok = load_model(args.model)
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop_strings=list(args.stop or []),
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
+        chat_template=False if args.no_chat else None,
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    out = generate(model, tok, prompts, config, generator=gen, batch_size=args.batch_size)
+    for prompt, text in zip(prompts, out.texts):
+        if len(prompts) > 1:
+            print(f"### {prompt}")
+        print(text.strip())
+        if len(prompts) > 1:
+            print()
+    return 0
+
+
+def cmd_train(args) -> int:
+    run_recipe(args.recipe, overrides=args.overrides, resume=args.resume)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The README's main job: PPO on SmolLM2 for positive movie reviews."""
+    run_recipe("ppo_sentiment", overrides=args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ankus", description="Align, steer and audit language models (PPO, ILQL, SFT, DPO, CFG...).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  ankus generate \"Write a haiku about elephants.\"\n"
+               "  ankus train recipes/ppo_sentiment.yaml trainer.lr=1e-5\n  ankus models",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the known model specs")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("generate", help="sample from a model (chat template applied for chat models)",
+                       description="Sample continuations of one or more prompts.")
+    p.add_argument("prompts", nargs="*", help="prompt text(s)")
+    p.add_argument("--file", help="a text file with one prompt per line")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model spec (see `ankus models`)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance gamma; 1 = off")
+    p.add_argument("--negative-prompt", help="the unconditional branch of CFG (default: the last prompt token)")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="run a recipe: ankus train RECIPE [key.path=value ...]",
+                       description="Run the trainer a recipe names. Overrides are dotted keys, e.g. trainer.lr=1e-5.")
+    p.add_argument("recipe", help="a recipe YAML file, or the name of a shipped recipe")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-5 run.name=try1")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the main demo: PPO on SmolLM2 towards positive movie reviews")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for recipes/ppo_sentiment.yaml")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from ankus.models.loading import ModelLoadError
+
+    try:
+        return args.func(args)
+    except (ConfigError, ModelLoadError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
