@@ -1,0 +1,105 @@
+"""Small heads that sit on a causal LM's hidden states: a scalar value head (PPO,
+reward models) and the Q/V heads of ILQL (Snell et al. 2022).
+
+Every head has trlX's shape: Linear(h → 2h) → ReLU → Linear(2h → out)
+(trlX ``utils/modeling.py::make_head``). Heads cast incoming hidden states to their own
+dtype, so a bf16 body can feed float32 heads (Q/V regression suffers in bf16).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+__all__ = ["make_head", "ValueHead", "ILQLHeads"]
+
+
+def make_head(hidden_size: int, out_size: int) -> nn.Sequential:
+    """Two-layer MLP head: Linear(h, 2h) → ReLU → Linear(2h, out)."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, 2 * hidden_size),
+        nn.ReLU(),
+        nn.Linear(2 * hidden_size, out_size),
+    )
+
+
+def _gather_positions(hidden_states: torch.Tensor, ixs: torch.Tensor | None) -> torch.Tensor:
+    """Pick positions ``ixs`` (B, K) along T of hidden_states (B, T, H) -> (B, K, H)."""
+    if ixs is None:
+        return hidden_states
+    return hidden_states.gather(1, ixs.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
+
+
+class ValueHead(nn.Module):
+    """Scalar value per position: (B, T, H) hidden states -> (B, T) values."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.head = make_head(hidden_size, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.to(self.head[0].weight.dtype)
+        return self.head(x).squeeze(-1)  # (B, T)
+
+
+class ILQLHeads(nn.Module):
+    """ILQL's Q heads (vocab-sized), their Polyak-averaged targets, and the V head.
+
+    Args:
+        hidden_size: width of the LM hidden states.
+        vocab_size: number of actions (tokens); each Q head outputs one value per token.
+        two_qs: keep two Q heads (clipped double-Q: the V target is their targets' min).
+        alpha: Polyak weight of the *online* heads in :meth:`sync_target_q_heads`
+            (trlX's convention: ``target ← α·Q + (1 − α)·target``; trlX default 0.001,
+            so targets move slowly; α = 1 copies the online heads).
+
+    Target heads are frozen (``requires_grad=False``) deep copies, so an optimizer built
+    from ``parameters()`` with a ``requires_grad`` filter never updates them.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, two_qs: bool = True, alpha: float = 0.001):
+        super().__init__()
+        self.alpha = alpha
+        n_qs = 2 if two_qs else 1
+        self.q_heads = nn.ModuleList(make_head(hidden_size, vocab_size) for _ in range(n_qs))
+        self.target_q_heads = nn.ModuleList(copy.deepcopy(q) for q in self.q_heads)
+        for p in self.target_q_heads.parameters():
+            p.requires_grad_(False)
+        self.v_head = make_head(hidden_size, 1)
+
+    @torch.no_grad()
+    def sync_target_q_heads(self, alpha: float | None = None) -> None:
+        """Polyak update: each target parameter ← α·online + (1 − α)·target."""
+        alpha = self.alpha if alpha is None else alpha
+        for target_head, q_head in zip(self.target_q_heads, self.q_heads):
+            for target_p, p in zip(target_head.parameters(), q_head.parameters()):
+                target_p.mul_(1.0 - alpha).add_(p, alpha=alpha)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        states_ixs: torch.Tensor | None = None,
+        actions_ixs: torch.Tensor | None = None,
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor]:
+        """Q, target-Q and V on hidden states.
+
+        Args:
+            hidden_states: (B, T, H).
+            states_ixs: optional (B, S) positions at which to evaluate V (default: all T).
+            actions_ixs: optional (B, K) positions at which to evaluate the Q heads
+                (default: all T). The hidden state at position i scores the token at i+1.
+
+        Returns:
+            ``(qs, target_qs, vs)``: tuples of (B, K, V) tensors (one per Q head; the
+            targets computed without grad) and vs (B, S).
+        """
+        hidden_states = hidden_states.to(self.v_head[0].weight.dtype)
+        actions_hs = _gather_positions(hidden_states, actions_ixs)  # (B, K, H)
+        states_hs = _gather_positions(hidden_states, states_ixs)  # (B, S, H)
+        qs = tuple(q(actions_hs) for q in self.q_heads)  # each (B, K, V)
+        with torch.no_grad():
+            target_qs = tuple(q(actions_hs) for q in self.target_q_heads)  # each (B, K, V)
+        vs = self.v_head(states_hs).squeeze(-1)  # (B, S)
+        return qs, target_qs, vs
