@@ -1,0 +1,168 @@
+"""The random-walks task: trlX's CPU-sized regression benchmark, re-implemented.
+
+A random directed graph over ``n_nodes`` nodes named ``a, b, c, ...``; node 0 (``a``) is the
+goal. A model is prompted with a start node and must write a path to the goal; the reward is
+how close the path is to a shortest one:
+
+    optimality = (max_length - path_len) / (max_length - shortest_len)
+
+where ``path_len`` counts the nodes up to and including the first visit to the goal, and
+``shortest_len`` counts the nodes on a shortest path (capped at ``max_length``). A shortest
+path scores 1. An invalid path -- an unknown node, a step along a missing edge, or never
+reaching the goal -- is treated as ``path_len = max_length`` and scores 0.
+
+    task = generate_random_walks(seed=1000)
+    task.prompts                 # ['b', 'c', ...]   sorted unique start letters of the walks
+    task.optimality("bha")       # 1.0 when b -> h -> a is a shortest path
+    task.reward_fn(samples=["bha"], prompts=["b"], outputs=["ha"])   # [1.0]
+
+Differences from trlX's ``examples/randomwalks`` (from the description, not its code):
+
+* Randomness comes from one ``numpy.random.Generator`` (``numpy.random.default_rng(seed)``)
+  used for the graph and then the walks, so the same seed gives the same task on any machine,
+  but not trlX's exact graph.
+* A valid path that reaches the goal after more than ``max_length`` nodes would score below 0
+  in trlX's formula; it is clamped to 0, the score of an invalid path.
+* When the goal is unreachable from the start node (or only in ``max_length`` nodes or more)
+  the formula's denominator is 0; every path from such a start scores 0. Walks may start
+  there, as in trlX, and simply never reach the goal.
+* Shortest paths come from a breadth-first search written here (no networkx).
+"""
+
+from __future__ import annotations
+
+import string
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["RandomWalksTask", "generate_random_walks", "shortest_path_lengths", "path_optimality"]
+
+_LETTERS = string.ascii_lowercase
+_DELIMITERS = "| \t\n"  # "|" separates nodes when a tokenizer needs it (trlX's GPT-2 variant)
+
+
+def shortest_path_lengths(adjacency: np.ndarray, goal: int = 0) -> list[int | None]:
+    """For every node, the number of nodes on a shortest directed path to ``goal`` (the node
+    itself and the goal included; 1 for the goal), or ``None`` when the goal is unreachable.
+
+    One BFS from the goal over reversed edges: ``adjacency[i, j]`` is the edge i -> j.
+    """
+    n = adjacency.shape[0]
+    lengths: list[int | None] = [None] * n
+    lengths[goal] = 1
+    queue = deque([goal])
+    while queue:
+        node = queue.popleft()
+        for pred in np.flatnonzero(adjacency[:, node]):  # every pred -> node edge
+            if lengths[pred] is None:
+                lengths[pred] = lengths[node] + 1
+                queue.append(int(pred))
+    return lengths
+
+
+def path_optimality(path: str, adjacency: np.ndarray, max_length: int, goal: int = 0,
+                    shortest: list[int | None] | None = None) -> float:
+    """Optimality in [0, 1] of ``path`` (node letters, delimiters ``|`` and whitespace
+    ignored). See the module docstring for the formula."""
+    n = adjacency.shape[0]
+    nodes = [c for c in path if c not in _DELIMITERS]
+    if not nodes:
+        return 0.0
+    shortest = shortest if shortest is not None else shortest_path_lengths(adjacency, goal)
+    path_len = None
+    prev = None
+    for i, ch in enumerate(nodes):
+        node = _LETTERS.find(ch)
+        if node < 0 or node >= n:
+            return 0.0  # unknown node
+        if prev is not None and not adjacency[prev, node]:
+            return 0.0  # missing edge
+        if node == goal:
+            path_len = i + 1
+            break  # whatever follows the goal is ignored
+        prev = node
+    if path_len is None:
+        return 0.0  # never reached the goal
+    start_short = shortest[_LETTERS.find(nodes[0])]
+    if start_short is None:
+        return 0.0  # unreachable goal: cannot happen for a valid path, kept for clarity
+    optimal_len = min(start_short, max_length)
+    if optimal_len >= max_length:
+        return 0.0  # the formula's denominator is 0: no path within the budget
+    score = (max_length - min(path_len, max_length)) / (max_length - optimal_len)
+    return float(score)
+
+
+@dataclass
+class RandomWalksTask:
+    """A generated graph, its sample walks, and the metric/reward built on it."""
+
+    adjacency: np.ndarray
+    """(n_nodes, n_nodes) bool; ``adjacency[i, j]`` is the directed edge i -> j."""
+    walks: list[str]
+    """Sample random walks, one string of node letters each."""
+    max_length: int
+    """Longest walk, in nodes; also the bound in the optimality formula."""
+    goal: int = 0
+    shortest: list[int | None] = field(default_factory=list)
+    """Nodes on a shortest path to the goal, per start node (None: unreachable)."""
+
+    def __post_init__(self):
+        if not self.shortest:
+            self.shortest = shortest_path_lengths(self.adjacency, self.goal)
+
+    @property
+    def n_nodes(self) -> int:
+        return self.adjacency.shape[0]
+
+    @property
+    def prompts(self) -> list[str]:
+        """Sorted unique start letters of the walks (trlX's prompts)."""
+        return sorted({w[0] for w in self.walks})
+
+    def optimality(self, path: str) -> float:
+        return path_optimality(path, self.adjacency, self.max_length, self.goal, self.shortest)
+
+    def reward_fn(self, samples: list[str], prompts: list[str] | None = None,
+                  outputs: list[str] | None = None, **metadata) -> list[float]:
+        """Reward = optimality of each full sample (prompt + continuation)."""
+        return [self.optimality(s) for s in samples]
+
+    def metric_fn(self, samples: list[str], **metadata) -> dict[str, list[float]]:
+        return {"optimality": self.reward_fn(samples)}
+
+
+def generate_random_walks(n_nodes: int = 21, max_length: int = 10, n_walks: int = 1000,
+                          p_edge: float = 0.1, seed: int = 1000, goal: int = 0) -> RandomWalksTask:
+    """Build the task (defaults: trlX's, with the example's ``seed=config.train.seed=1000``).
+
+    Graph: each off-diagonal edge is present with probability ``p_edge``, resampled until every
+    node has an outgoing edge; then the goal's out-edges are replaced by a single self-loop.
+    Walks: start uniformly among the non-goal nodes, step to a uniformly chosen out-neighbour,
+    stop at the goal or after ``max_length`` nodes.
+    """
+    if not 2 <= n_nodes <= len(_LETTERS):
+        raise ValueError(f"n_nodes must be in [2, {len(_LETTERS)}] (one letter per node), got {n_nodes}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    rng = np.random.default_rng(seed)
+    while True:
+        adjacency = rng.random((n_nodes, n_nodes)) > 1.0 - p_edge
+        np.fill_diagonal(adjacency, False)
+        if adjacency.any(axis=1).all():
+            break
+    adjacency[goal, :] = False
+    adjacency[goal, goal] = True  # the goal is absorbing
+
+    starts = [i for i in range(n_nodes) if i != goal]
+    walks = []
+    for _ in range(n_walks):
+        node = starts[rng.integers(len(starts))]
+        walk = [node]
+        while len(walk) < max_length and node != goal:
+            node = int(rng.choice(np.flatnonzero(adjacency[node])))
+            walk.append(node)
+        walks.append("".join(_LETTERS[i] for i in walk))
+    return RandomWalksTask(adjacency=adjacency, walks=walks, max_length=max_length, goal=goal)
