@@ -81,7 +81,7 @@ def cmd_models(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from ankus.generation import GenerationConfig, generate
+    from ankus.generation.engine import GenerationConfig, generate
     from ankus.models.loading import load_model
 
     prompts = list(args.prompts)

@@ -1,0 +1,450 @@
+"""PPO for language models, as trlX does it (Havrilla et al. 2023), plus critic-free RLOO/GRPO.
+
+One iteration:
+  1. rollouts: ``num_rollouts`` responses sampled by the generation engine in chunks of
+     ``chunk_size`` (``samples_per_prompt`` per prompt), scored by the reward function;
+  2. one no-grad forward gives the behaviour log-probs, values and the reference log-probs
+     (Hydra branch, LoRA-disabled model, or a frozen copy);
+  3. rewards = clipped score at the last response token − β·(logp − logp_ref) per token;
+     advantages by GAE (critic) or RLOO / GRPO (critic-free), whitened over response tokens only;
+  4. ``ppo_epochs`` passes over the rollouts in shuffled minibatches of ``trainer.batch_size``:
+     clipped policy loss + ``vf_coef`` × clipped value loss (+ β·k3 KL loss for GRPO);
+  5. the KL controller updates β.
+Loss math lives in ankus.losses / ankus.rl; this file only wires it together.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from ankus.config import ModelConfig, RunConfig, TrainerConfig
+from ankus.generation.engine import GenerationConfig, generate
+from ankus.losses.ppo import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from ankus.models.heads import ValueHead
+from ankus.models.loading import load_model
+from ankus.models.reference import make_reference, position_ids_from_mask
+from ankus.rewards import RewardError, check_rewards, get_reward_fn
+from ankus.rl.estimators import grpo_advantages, rloo_advantages, sequence_to_token_advantages
+from ankus.rl.gae import gae_advantages
+from ankus.rl.kl import AdaptiveKLController, FixedKLController, kl_k3, per_token_rewards
+from ankus.rl.stats import RunningMoments, masked_mean, masked_whiten
+from ankus.runs import MetricsLogger, create_run_dir, plot_metrics, save_hf_model
+
+
+@dataclass
+class PPOMethod:
+    estimator: Literal["gae", "rloo", "grpo"] = "gae"
+    """Advantage estimator: gae (value head, trlX), rloo or grpo (critic-free, k samples per prompt)."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt (k); rloo and grpo need at least 2."""
+    num_rollouts: int = 32
+    """Responses collected per iteration (per process)."""
+    chunk_size: int = 16
+    """Generation batch size."""
+    ppo_epochs: int = 4
+    """Passes over each iteration's rollouts."""
+    init_kl_coef: float = 0.001
+    """Initial KL coefficient beta."""
+    target: float | None = None
+    """Target KL for the adaptive controller; null = fixed beta."""
+    horizon: int = 10000
+    """Adaptive KL controller horizon."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """Policy ratio clip range."""
+    cliprange_value: float = 0.2
+    """Value clip range."""
+    vf_coef: float = 1.0
+    """Value loss weight."""
+    cliprange_reward: float = 10.0
+    """Scores are clipped to +-this."""
+    scale_reward: Literal["none", "running", "ref"] = "none"
+    """Divide scores by the running std ('running') or by the first batch's std ('ref')."""
+    whiten_advantages: bool = True
+    """Whiten advantages over response tokens."""
+    reference: Literal["hydra", "lora", "copy"] = "hydra"
+    """Where reference log-probs come from: hydra (frozen top-N branch), lora (adapters off), copy."""
+    num_layers_unfrozen: int = 2
+    """Top decoder blocks trained (hydra/copy); -1 = all (then the reference is a copy)."""
+    lora_r: int = 8
+    """LoRA rank (reference: lora)."""
+    lora_alpha: int = 16
+    """LoRA alpha (reference: lora)."""
+
+
+@dataclass
+class PromptData:
+    prompts: str = "review_openings"
+    """Built-in prompt set (review_openings, randomwalks) or a .txt/.jsonl file of prompts."""
+    template: str = "{prompt}"
+    """Format string applied to each prompt before generation; {prompt} is the raw prompt."""
+    eval_prompts: str = ""
+    """Held-out prompts (same forms as prompts); empty = the built-in set's eval split."""
+    num_eval: int = 20
+    """Held-out prompts scored before and after training."""
+
+
+@dataclass
+class RewardConfig:
+    name: str = "sentiment"
+    """Built-in reward (sentiment, randomwalks) or 'module:function'."""
+    kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for the reward factory."""
+
+
+@dataclass
+class WarmStart:
+    steps: int = 0
+    """Supervised steps on the task's demonstration texts before PPO (randomwalks); 0 = none."""
+    lr: float = 1e-3
+    """Learning rate of the warm start."""
+    batch_size: int = 32
+    """Batch size of the warm start."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy."""
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(total_steps=20))
+    """Optimisation; total_steps counts PPO iterations (rollout + update phases)."""
+    method: PPOMethod = field(default_factory=PPOMethod)
+    """PPO hyper-parameters (trlX's defaults)."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Rollout sampling."""
+    data: PromptData = field(default_factory=PromptData)
+    """Prompts."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward function."""
+    warm_start: WarmStart = field(default_factory=WarmStart)
+    """Optional supervised warm start."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run directory."""
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts and rewards
+
+
+def load_prompts(source: str, split: str, reward_kwargs: dict, seed: int) -> list[str]:
+    from ankus.data.assets import review_openings
+
+    if source == "review_openings":
+        return review_openings(split)
+    if source == "randomwalks":
+        from ankus.rewards.randomwalks import generate_random_walks
+
+        return list(generate_random_walks(seed=reward_kwargs.get("seed", 1000)).prompts)
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"prompt file not found: {source} (or use a built-in: review_openings, randomwalks)")
+    if path.suffix == ".jsonl":
+        from ankus.data.io import read_jsonl
+
+        return [row["prompt"] for row in read_jsonl(path, required=("prompt",))]
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# the policy forward
+
+
+def policy_forward(model, value_head, input_ids, attention_mask, n_resp: int, need_hidden_at: int | None = None):
+    """Forward over prompt+response; returns the response tokens' logits (B, N, V), values (B, N)
+    and, when asked, the hidden state entering decoder layer ``need_hidden_at`` (for Hydra)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                output_hidden_states=True, logits_to_keep=n_resp + 1, use_cache=False)
+    logits = out.logits[:, :-1]  # (B, N, V): position t predicts response token t
+    values = None
+    if value_head is not None:
+        values = value_head(out.hidden_states[-1][:, -n_resp - 1:-1])  # (B, N): state before each token
+    hidden = out.hidden_states[need_hidden_at] if need_hidden_at is not None else None
+    return logits, values, hidden
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _make_reference(model, method: PPOMethod):
+    mode = method.reference
+    if method.num_layers_unfrozen == -1 and mode == "hydra":
+        mode = "copy"  # nothing is shared to branch from: train everything, compare to a frozen copy
+    ref = make_reference(model, mode=mode, num_layers_unfrozen=method.num_layers_unfrozen,
+                         lora_r=method.lora_r, lora_alpha=method.lora_alpha)
+    return ref, mode
+
+
+def _warm_start(model, tok, cfg: Config, texts: list[str]) -> float:
+    """A short supervised fit on demonstration texts (trlX's random-walks model is pretrained
+    on walks; we fit ours here in a few seconds)."""
+    from ankus.losses.sft import sft_loss
+
+    ws = cfg.warm_start
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ws.lr)
+    model.train()
+    rng = random.Random(cfg.trainer.seed)
+    loss = torch.tensor(float("nan"))
+    for _ in tqdm(range(ws.steps), desc="warm start", disable=not cfg.run.progress):
+        batch = rng.sample(texts, min(ws.batch_size, len(texts)))
+        enc = tok([t + tok.eos_token for t in batch], return_tensors="pt", padding=True, padding_side="right")
+        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+        loss, _ = sft_loss(logits, enc.input_ids, enc.attention_mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss)
+
+
+@torch.no_grad()
+def evaluate(model, tok, prompts: list[str], cfg: Config, reward_fn: Callable, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    templated = [cfg.data.template.format(prompt=p) for p in prompts]
+    out = generate(model, tok, templated, cfg.generation, generator=gen, batch_size=cfg.method.chunk_size)
+    scores = reward_fn(samples=[p + o for p, o in zip(templated, out.texts)], prompts=templated, outputs=out.texts)
+    check_rewards(scores, len(prompts), batch_index="eval")
+    return [{"prompt": p, "output": o, "score": _scalar(s)} for p, o, s in zip(prompts, out.texts, scores)]
+
+
+def _scalar(score) -> float:
+    return float(sum(score)) if isinstance(score, (list, tuple)) else float(score)
+
+
+def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run PPO; returns a summary (run_dir, before/after eval scores)."""
+    m, tc = cfg.method, cfg.trainer
+    if m.estimator in ("rloo", "grpo") and m.samples_per_prompt < 2:
+        raise ValueError(f"estimator '{m.estimator}' needs method.samples_per_prompt >= 2")
+    if m.num_rollouts % m.samples_per_prompt:
+        raise ValueError("method.num_rollouts must be a multiple of method.samples_per_prompt")
+    _set_seed(tc.seed)
+    run_dir = create_run_dir(cfg.run, "ppo", cfg, exist_ok=resume)
+    reward_fn = reward_fn or get_reward_fn(cfg.reward.name, **cfg.reward.kwargs)
+
+    model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    train_prompts = load_prompts(cfg.data.prompts, "train", cfg.reward.kwargs, tc.seed)
+    eval_prompts = (load_prompts(cfg.data.eval_prompts, "eval", cfg.reward.kwargs, tc.seed) if cfg.data.eval_prompts
+                    else _default_eval(cfg, train_prompts))[: cfg.data.num_eval]
+    if cfg.warm_start.steps:
+        from ankus.rewards.randomwalks import generate_random_walks
+
+        walks = generate_random_walks(seed=cfg.reward.kwargs.get("seed", 1000)).walks
+        _warm_start(model, tok, cfg, [" ".join(w) for w in walks])  # "bha" would merge into one token
+
+    reference, ref_mode = _make_reference(model, m)
+    policy = reference.policy  # the model to train (a peft model under LoRA)
+    hidden_size = model.config.get_text_config().hidden_size
+    value_head = ValueHead(hidden_size) if m.estimator == "gae" else None
+    params = [p for p in policy.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
+    kl_ctl = (AdaptiveKLController(m.init_kl_coef, m.target, m.horizon) if m.target is not None
+              else FixedKLController(m.init_kl_coef))
+    running = RunningMoments()
+    ref_std = None
+
+    before = evaluate(policy, tok, eval_prompts, cfg, reward_fn, seed=tc.seed + 12345)
+    logger = MetricsLogger(run_dir / "metrics.jsonl")
+    prompt_rng = random.Random(tc.seed)
+    gen = torch.Generator().manual_seed(tc.seed)
+    n_trainable = sum(p.numel() for p in params)
+    bar = tqdm(range(tc.total_steps), desc="ppo", disable=not cfg.run.progress)
+    for it in bar:
+        # ---- 1. rollouts ----------------------------------------------------------------
+        t0 = time.perf_counter()
+        n_prompts = m.num_rollouts // m.samples_per_prompt
+        prompts = [prompt_rng.choice(train_prompts) for _ in range(n_prompts)]
+        prompts = [p for p in prompts for _ in range(m.samples_per_prompt)]  # k consecutive copies
+        templated = [cfg.data.template.format(prompt=p) for p in prompts]
+        policy.eval()
+        with torch.no_grad():
+            out = generate(policy, tok, templated, cfg.generation, generator=gen, batch_size=m.chunk_size)
+        t_gen = time.perf_counter() - t0
+        try:
+            raw = reward_fn(samples=[p + o for p, o in zip(templated, out.texts)], prompts=templated, outputs=out.texts)
+            check_rewards(raw, len(prompts), batch_index=it)
+        except Exception as e:
+            save_hf_model(policy, tok, run_dir / f"checkpoint-{it}")
+            if isinstance(e, RewardError):
+                raise
+            raise RewardError(f"the reward function raised on batch {it}: {type(e).__name__}: {e}. "
+                              f"A checkpoint was saved to {run_dir / f'checkpoint-{it}'}") from e
+        mask = out.response_mask.float()  # (B, N)
+        if not bool((mask.sum(1) > 0).all()):
+            mask[:, 0] = 1.0  # an empty response still carries its score on one token
+        dense = isinstance(raw[0], (list, tuple))
+        scores = _scores_tensor(raw, mask, dense).clamp(-m.cliprange_reward, m.cliprange_reward)
+        seq_scores = scores if scores.dim() == 1 else scores.sum(1)
+        if m.scale_reward == "running":
+            running.update(seq_scores)
+            scores = scores / max(running.std, 1e-8)
+        elif m.scale_reward == "ref":
+            ref_std = ref_std or max(float(seq_scores.std()), 1e-8)
+            scores = scores / ref_std
+
+        input_ids = torch.cat([out.prompt_ids, out.response_ids], 1)  # (B, P+N)
+        attn = torch.cat([out.prompt_mask, mask.long()], 1)
+        n_resp = out.response_ids.shape[1]
+        with torch.no_grad():
+            old_logps, old_values, ref_logps = _score_rollouts(policy, value_head, reference, input_ids, attn,
+                                                               out.response_ids, n_resp, m.chunk_size)
+        # ---- 2. advantages ---------------------------------------------------------------
+        beta = kl_ctl.value
+        if m.estimator == "gae":
+            rewards, kl = per_token_rewards(scores, old_logps, ref_logps, mask, beta)
+            advantages, returns = gae_advantages(rewards, old_values, mask, m.gamma, m.lam)
+        else:
+            kl = (old_logps - ref_logps) * mask
+            seq = seq_scores if scores.dim() == 1 else scores.sum(1)
+            if m.estimator == "rloo":  # KL in the sequence reward (Ahmadian et al. 2024)
+                seq_adv = rloo_advantages(seq - beta * kl.sum(1), m.samples_per_prompt)
+            else:  # GRPO: KL goes into the loss instead
+                seq_adv = grpo_advantages(seq, m.samples_per_prompt)
+            advantages, returns = sequence_to_token_advantages(seq_adv, mask), None
+        if m.whiten_advantages and m.estimator == "gae":
+            advantages = masked_whiten(advantages, mask)
+        mean_kl = float(kl.sum(1).mean())
+        # ---- 3. PPO epochs ---------------------------------------------------------------
+        t1 = time.perf_counter()
+        policy.train()
+        stats: dict[str, list[float]] = {}
+        B = input_ids.shape[0]
+        for _ in range(m.ppo_epochs):
+            order = torch.randperm(B, generator=gen)
+            for start in range(0, B, tc.batch_size):
+                idx = order[start:start + tc.batch_size]
+                step_stats = _ppo_step(policy, value_head, reference, opt, params, cfg, beta, input_ids[idx], attn[idx],
+                                       out.response_ids[idx], mask[idx], old_logps[idx],
+                                       None if old_values is None else old_values[idx], advantages[idx],
+                                       None if returns is None else returns[idx], n_resp)
+                for k, v in step_stats.items():
+                    stats.setdefault(k, []).append(v)
+        kl_ctl.update(mean_kl, n_steps=B)
+        t_train = time.perf_counter() - t1
+        n_tokens = float(mask.sum())
+        metrics = {
+            "reward/mean": float(seq_scores.mean()), "reward/std": float(seq_scores.std()) if B > 1 else 0.0,
+            "kl/mean": mean_kl, "kl/beta": beta, **{k: sum(v) / len(v) for k, v in stats.items()},
+            "response/length": n_tokens / B, "time/generate_s": t_gen, "time/train_s": t_train,
+            "perf/tokens_per_s": n_tokens / max(t_gen, 1e-9), "perf/trainable_params": n_trainable,
+        }
+        if (it + 1) % tc.log_every == 0 or it == tc.total_steps - 1:
+            logger.log(it + 1, metrics)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{mean_kl:.3f}")
+    logger.close()
+
+    after = evaluate(policy, tok, eval_prompts, cfg, reward_fn, seed=tc.seed + 12345)
+    plot_metrics(run_dir, ["reward/mean", "kl/mean", "loss/pg", "loss/vf", "policy/entropy"], title="PPO")
+    if cfg.run.save_model:
+        save_hf_model(policy, tok, run_dir / "model")
+    summary = _write_eval(run_dir, before, after)
+    summary.update(run_dir=str(run_dir), reference=ref_mode)
+    return summary
+
+
+def _default_eval(cfg: Config, train_prompts: list[str]) -> list[str]:
+    if cfg.data.prompts == "review_openings":
+        from ankus.data.assets import review_openings
+
+        return review_openings("eval")
+    return train_prompts  # tasks like randomwalks evaluate on their (few) start nodes
+
+
+def _scores_tensor(raw, mask: torch.Tensor, dense: bool) -> torch.Tensor:
+    if not dense:
+        return torch.tensor([float(s) for s in raw], dtype=torch.float32)
+    out = torch.zeros_like(mask)
+    for i, row in enumerate(raw):  # align per-token scores with the response tokens
+        n = min(len(row), out.shape[1])
+        out[i, :n] = torch.tensor(row[:n], dtype=torch.float32)
+    return out * mask
+
+
+def _score_rollouts(policy, value_head, reference, input_ids, attn, response_ids, n_resp, chunk):
+    """Behaviour log-probs, values and reference log-probs, in chunks, without grad. -> 3 × (B, N)."""
+    logps, values, ref_logps = [], [], []
+    for s in range(0, input_ids.shape[0], chunk):
+        ids, am, resp = input_ids[s:s + chunk], attn[s:s + chunk], response_ids[s:s + chunk]
+        logits, v, hidden = policy_forward(policy, value_head, ids, am, n_resp, reference.hidden_index)
+        logps.append(logprobs_from_logits(logits, resp))
+        values.append(v if v is not None else torch.zeros_like(resp, dtype=torch.float32))
+        ref_logps.append(reference.logps(ids, am, hidden, n_resp))
+    return torch.cat(logps), (torch.cat(values) if value_head is not None else None), torch.cat(ref_logps)
+
+
+def _ppo_step(policy, value_head, reference, opt, params, cfg: Config, beta, ids, am, resp, mask, old_logps, old_values,
+              advantages, returns, n_resp) -> dict[str, float]:
+    m, tc = cfg.method, cfg.trainer
+    logits, values, _ = policy_forward(policy, value_head, ids, am, n_resp)
+    logps = logprobs_from_logits(logits, resp)  # (b, N)
+    pg_loss, pg_stats = policy_loss(logps, old_logps, advantages, mask, m.cliprange)
+    loss = pg_loss
+    out = {"loss/pg": float(pg_loss), **{f"policy/{k}": float(v) for k, v in pg_stats.items()}}
+    if value_head is not None:
+        vf_loss, vf_stats = value_loss(values, old_values, returns, mask, m.cliprange_value)
+        loss = loss + m.vf_coef * vf_loss
+        out["loss/vf"] = float(vf_loss)
+        out.update({f"value/{k}": float(v) for k, v in vf_stats.items()})
+        out["value/error"] = float(masked_mean((values.detach() - returns) ** 2, mask))
+    if m.estimator == "grpo" and beta > 0:
+        with torch.no_grad():
+            ref = reference.logps(ids, am, None, n_resp)
+        kl_loss = masked_mean(kl_k3(logps, ref), mask)
+        loss = loss + beta * kl_loss
+        out["loss/kl"] = float(kl_loss)
+    with torch.no_grad():
+        out["policy/entropy"] = float(entropy_from_logits(logits.detach(), mask))
+    if not torch.isfinite(loss):
+        opt.zero_grad(set_to_none=True)
+        out["skipped"] = 1.0
+        return out
+    loss.backward()
+    if tc.max_grad_norm > 0:
+        out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    out["loss/total"] = float(loss)
+    return out
+
+
+def _write_eval(run_dir: Path, before: list[dict], after: list[dict]) -> dict[str, Any]:
+    """A before/after table of held-out samples and scores (printed, and saved as CSV)."""
+    import csv
+
+    with open(run_dir / "eval_before_after.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "before", "score_before", "after", "score_after"])
+        for b, a in zip(before, after):
+            w.writerow([b["prompt"], b["output"], f"{b['score']:.4f}", a["output"], f"{a['score']:.4f}"])
+    mb = sum(r["score"] for r in before) / max(len(before), 1)
+    ma = sum(r["score"] for r in after) / max(len(after), 1)
+
+    def short(s: str, n: int = 60) -> str:
+        s = " ".join(s.split())
+        return s if len(s) <= n else s[: n - 1] + "…"
+
+    print(f"\n{'prompt':32s} | {'before':60s} | score | {'after':60s} | score")
+    for b, a in list(zip(before, after))[:10]:
+        print(f"{short(b['prompt'], 32):32s} | {short(b['output']):60s} | {b['score']:+.2f} | "
+              f"{short(a['output']):60s} | {a['score']:+.2f}")
+    print(f"\nmean held-out score: {mb:+.3f} -> {ma:+.3f}   ({len(before)} prompts)   run: {run_dir}")
+    return {"score_before": mb, "score_after": ma}
