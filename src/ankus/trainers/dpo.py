@@ -1,0 +1,537 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) and IPO (Azar et al. 2023), cheap per step.
+
+Data: JSONL rows ``{"prompt": ..., "chosen": ..., "rejected": ...}`` (an optional ``"system"``
+string too). With a chat model (the tokenizer has a chat template and ``data.chat_template`` is
+not false) the prompt becomes a user turn and each completion the assistant turn; otherwise the
+texts are concatenated and EOS ends each completion. The loss counts completion tokens only.
+
+Where a DPO step usually spends its time, and what this trainer does instead:
+
+1. **A reference forward every step.** The reference is the policy before training (or the same
+   model with its LoRA adapters switched off), and it never changes, so its log-probs are
+   computed once, in a no-grad pass over the data before the first step, and kept as two
+   floats per pair (``method.precompute_ref``). No second model stays in memory.
+2. **Two forwards, a prompt encoded twice, and padding.** Each pair is laid out as
+   ``[prompt | chosen | rejected]`` and the pairs of a micro-batch are packed back to back in
+   one row. Rejected tokens take the positions that follow the prompt, and the attention mask
+   lets them see the prompt and themselves but not the chosen tokens, so each token computes
+   exactly what it would in its own padded ``prompt + completion`` sequence (tested). One
+   forward serves chosen and rejected, the prompt is encoded once per pair, and no token is
+   padding.
+3. **The LM head over every position.** Only positions that predict a completion token go
+   through the head (``logits_to_keep`` with a mask), which skips the prompt's 49k-way
+   projections.
+
+``method.packing: false`` falls back to the usual layout (chosen and rejected concatenated
+along the batch, right-padded), for attention backends that take no 4-D mask.
+
+The built-in data set ``prefs_tiny`` (``src/ankus/assets/prefs_tiny.jsonl``) is 48 pairs made by
+one rule: for a in 1..8 and b in 1..6 the prompt is "What is a + b?", chosen is "a + b = s."
+(s = a + b), rejected is "a + b = s+1." when s is even and "I am not sure, maybe a·b." when s
+is odd.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ankus.config import ModelConfig, RunConfig, TrainerConfig
+from ankus.data.io import DataError, read_jsonl
+from ankus.losses.dpo import dpo_loss, sequence_logps
+from ankus.models.loading import load_model
+from ankus.runs import MetricsLogger, create_run_dir, plot_metrics, save_hf_model, truncate_metrics
+
+__all__ = [
+    "Config", "DPOMethod", "PreferenceData", "Pair", "PackedRows", "train", "load_pairs", "tokenize_pairs",
+    "pack_rows", "packed_logps", "padded_logps", "policy_logps", "reference_logps", "batch_order",
+]
+
+_ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+@dataclass
+class DPOMethod:
+    beta: float = 0.1
+    """DPO's beta (strength of the pull towards the reference); for IPO, Azar et al.'s tau."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid (DPO, on summed log-probs) or ipo (on per-token mean log-probs)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO's epsilon (assumed fraction of flipped labels); sigmoid only."""
+    precompute_ref: bool = True
+    """Reference log-probs computed once before training; false = a reference forward every step."""
+    ref_batch_size: int = 16
+    """Pairs per no-grad forward while precomputing reference log-probs."""
+    packing: bool = True
+    """Pack [prompt|chosen|rejected] per pair into one row (no padding); false = padded chosen+rejected batch."""
+    disable_dropout: bool = True
+    """Zero every dropout probability, so policy and reference agree at step 0."""
+    lora: bool = False
+    """Train LoRA adapters; the reference is the model with adapters disabled."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA alpha."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+
+
+@dataclass
+class PreferenceData:
+    path: str = "prefs_tiny"
+    """JSONL file of {prompt, chosen, rejected} rows, or a built-in set name (prefs_tiny)."""
+    chat_template: bool | None = None
+    """Format as a chat (user turn + assistant turn); null = when the tokenizer has a template."""
+    max_length: int = 1024
+    """Longest prompt + completion in tokens; longer completions are cut."""
+    shuffle: bool = True
+    """Reshuffle the pairs every epoch (seeded); false = file order."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy (and, before training, the reference)."""
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=5e-7, weight_decay=0.0))
+    """Optimisation; batch_size counts preference pairs."""
+    method: DPOMethod = field(default_factory=DPOMethod)
+    """DPO hyper-parameters."""
+    data: PreferenceData = field(default_factory=PreferenceData)
+    """Preference pairs."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run directory."""
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Pair:
+    """One tokenized preference pair; the completions exclude the prompt."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+    def __len__(self) -> int:  # tokens in the packed layout
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+def load_pairs(path: str) -> list[dict]:
+    """Rows of a preference JSONL file (or of a built-in set), with file/line/field errors."""
+    source = Path(path)
+    if not source.exists() and (_ASSETS / f"{path}.jsonl").exists():
+        source = _ASSETS / f"{path}.jsonl"
+    return read_jsonl(source, required=("prompt", "chosen", "rejected"))
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _chat_ids(tok, messages: list[dict], generation_prompt: bool) -> list[int]:
+    out = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+    return list(out["input_ids"] if isinstance(out, Mapping) else out)
+
+
+def tokenize_pairs(rows: Sequence[dict], tok, chat_template: bool | None = None, max_length: int = 1024,
+                   where: str = "data") -> list[Pair]:
+    """Token ids of prompt, chosen and rejected for each row.
+
+    The prompt alone and prompt + completion are tokenized separately and split where they first
+    differ: a chat template may render the end of the prompt differently once an answer follows,
+    and plain-text tokens may merge across the boundary. Completions longer than ``max_length``
+    minus the prompt are cut.
+    """
+    use_chat = bool(getattr(tok, "chat_template", None)) if chat_template is None else chat_template
+    if use_chat and not getattr(tok, "chat_template", None):
+        raise DataError("data.chat_template is true but the tokenizer has no chat template")
+    pairs = []
+    for i, row in enumerate(rows):
+        if use_chat:
+            head = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
+            head.append({"role": "user", "content": row["prompt"]})
+            prompt = _chat_ids(tok, head, True)
+            full = [_chat_ids(tok, head + [{"role": "assistant", "content": row[k]}], False)
+                    for k in ("chosen", "rejected")]
+        else:
+            prompt = tok(row["prompt"])["input_ids"]
+            full = [tok(row["prompt"] + row[k] + tok.eos_token)["input_ids"] for k in ("chosen", "rejected")]
+        n = min(_common_prefix(prompt, f) for f in full)
+        if n == 0:
+            raise DataError(f"{where}, pair {i}: the prompt shares no token with prompt + completion, so the "
+                            "first completion token has nothing to condition on")
+        if n >= max_length:
+            raise DataError(f"{where}, pair {i}: the prompt has {n} tokens, leaving no room for a completion in "
+                            f"data.max_length={max_length}; shorten it or raise data.max_length")
+        chosen, rejected = (f[n:max_length] for f in full)
+        for name, ids in (("chosen", chosen), ("rejected", rejected)):
+            if not ids:
+                raise DataError(f"{where}, pair {i}: field '{name}' adds no token after the prompt")
+        pairs.append(Pair(prompt[:n], chosen, rejected))
+    return pairs
+
+
+def batch_order(n: int, batch_size: int, step: int, seed: int, shuffle: bool) -> list[int]:
+    """Indices of the pairs in optimizer step ``step`` (0-based). The stream is one permutation
+    per epoch, seeded by (seed, epoch), so any step's batch is known without replaying the run:
+    a resumed run sees exactly the batches the uninterrupted one would have."""
+    out = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        if shuffle:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        else:
+            perm = list(range(n))
+        take = perm[offset:offset + batch_size - len(out)]
+        out += take
+        pos += len(take)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# packed layout: [prompt | chosen | rejected] per pair, pairs back to back
+
+
+@dataclass
+class PackedRows:
+    """Pairs packed into rows (usually one row per micro-batch).
+
+    Attributes:
+        input_ids, position_ids: (R, L); padding only where rows differ in length.
+        segment: (R, L) pair index of each token (-1 for padding).
+        part: (R, L) 0 prompt, 1 chosen, 2 rejected (-1 padding).
+        keep: (R, L) bool, positions whose logits are needed (they predict a completion token).
+        predictor: (K,) for each completion token, its predicting position among ``keep``'s True
+            entries (row-major); the last prompt token predicts both first completion tokens.
+        labels: (K,) the completion tokens.
+        seq_index: (K,) output sequence of each token: pair i's chosen is i, its rejected n + i.
+        n_pairs: n.
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    segment: Tensor
+    part: Tensor
+    keep: Tensor
+    predictor: Tensor
+    labels: Tensor
+    seq_index: Tensor
+    n_pairs: int
+
+    @property
+    def n_tokens(self) -> int:
+        return int((self.segment >= 0).sum())
+
+
+def pack_rows(pairs: Sequence[Pair], pad_id: int, max_row_tokens: int = 0) -> PackedRows:
+    """Lay pairs out as ``[prompt | chosen | rejected]`` back to back; a new row starts when the
+    next pair would pass ``max_row_tokens`` (0 = everything in one row)."""
+    rows: list[list[int]] = [[]]
+    for i, p in enumerate(pairs):
+        if rows[-1] and max_row_tokens and sum(len(pairs[j]) for j in rows[-1]) + len(p) > max_row_tokens:
+            rows.append([])
+        rows[-1].append(i)
+    L = max(sum(len(pairs[j]) for j in row) for row in rows)
+    R, n = len(rows), len(pairs)
+    input_ids = torch.full((R, L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((R, L), dtype=torch.long)
+    segment = torch.full((R, L), -1, dtype=torch.long)
+    part = torch.full((R, L), -1, dtype=torch.long)
+    keep = torch.zeros((R, L), dtype=torch.bool)
+    # (row, position) of the predicting token, completion token, output sequence
+    pred_at, labels, seq_index = [], [], []
+    for r, row in enumerate(rows):
+        t = 0
+        for i in row:
+            p = pairs[i]
+            P = len(p.prompt_ids)
+            for k, ids in enumerate((p.prompt_ids, p.chosen_ids, p.rejected_ids)):
+                m = len(ids)
+                start_pos = 0 if k == 0 else P  # both completions continue the prompt
+                input_ids[r, t:t + m] = torch.tensor(ids)
+                position_ids[r, t:t + m] = torch.arange(start_pos, start_pos + m)
+                segment[r, t:t + m] = i
+                part[r, t:t + m] = k
+                if k > 0:
+                    # token j of the completion is predicted by the token before it in its own
+                    # sequence: the prompt's last token for j = 0, else completion token j - 1
+                    preds = [t_prompt_end] + list(range(t, t + m - 1))
+                    for j, q in enumerate(preds):
+                        pred_at.append((r, q))
+                        labels.append(ids[j])
+                        seq_index.append(i if k == 1 else n + i)
+                        keep[r, q] = True
+                else:
+                    t_prompt_end = t + m - 1
+                t += m
+    # rank of each kept position in row-major order = its row in the logits the model returns
+    rank = torch.full((R, L), -1, dtype=torch.long)
+    rank[keep] = torch.arange(int(keep.sum()))
+    predictor = torch.tensor([int(rank[r, q]) for r, q in pred_at], dtype=torch.long)
+    return PackedRows(input_ids, position_ids, segment, part, keep, predictor,
+                      torch.tensor(labels, dtype=torch.long), torch.tensor(seq_index, dtype=torch.long), n)
+
+
+def prefix_shared_mask(segment: Tensor, part: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive attention mask (R, 1, L, L): query i sees key j iff both belong to the same pair,
+    j <= i, and j is a prompt token or in i's own completion. A padding token sees only itself
+    (a row with no visible key would give NaNs)."""
+    R, L = segment.shape
+    idx = torch.arange(L)
+    causal = idx[None, :] <= idx[:, None]  # (L, L)
+    same_pair = segment[:, :, None] == segment[:, None, :]  # (R, L, L)
+    visible_part = (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])  # (R, L, L)
+    allowed = causal & same_pair & visible_part & (segment[:, None, :] >= 0)
+    allowed |= torch.eye(L, dtype=torch.bool)  # padding rows: attend to self
+    bias = torch.zeros((R, 1, L, L), dtype=dtype)
+    return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def packed_logps(model: nn.Module, packed: PackedRows, average: bool = False) -> tuple[Tensor, Tensor]:
+    """One forward over packed pairs -> chosen and rejected log-probs, each (n,), float32."""
+    mask = prefix_shared_mask(packed.segment, packed.part, _model_dtype(model))
+    out = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                logits_to_keep=packed.keep, use_cache=False)
+    logits = out.logits.reshape(-1, out.logits.shape[-1])  # (U, V): one row per kept position
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    # log p(label) = logit[label] - logsumexp: logsumexp once per kept position, though the
+    # last prompt token serves two completion tokens
+    lse = torch.logsumexp(logits, dim=-1)  # (U,)
+    token_logps = logits[packed.predictor, packed.labels] - lse[packed.predictor]  # (K,)
+    n = packed.n_pairs
+    logps = token_logps.new_zeros(2 * n).index_add(0, packed.seq_index, token_logps)  # (2n,)
+    if average:
+        counts = torch.bincount(packed.seq_index, minlength=2 * n).clamp(min=1)
+        logps = logps / counts
+    return logps[:n], logps[n:]
+
+
+def padded_logps(model: nn.Module, pairs: Sequence[Pair], pad_id: int, average: bool = False) -> tuple[Tensor, Tensor]:
+    """The usual layout: chosen and rejected sequences concatenated along the batch, right-padded,
+    one forward -> chosen and rejected log-probs, each (n,)."""
+    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    n_prompt = [len(p.prompt_ids) for p in pairs] * 2
+    L = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    completion = torch.zeros((len(seqs), L), dtype=torch.long)
+    for b, (s, P) in enumerate(zip(seqs, n_prompt)):
+        input_ids[b, :len(s)] = torch.tensor(s)
+        attention_mask[b, :len(s)] = 1
+        completion[b, P:len(s)] = 1
+    # logits are needed from the first completion's predictor onwards
+    keep = L - min(n_prompt) + 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False).logits
+    logps = sequence_logps(logits[:, :-1], input_ids[:, L - keep + 1:], completion[:, L - keep + 1:], average)
+    n = len(pairs)
+    return logps[:n], logps[n:]
+
+
+def policy_logps(model: nn.Module, pairs: Sequence[Pair], pad_id: int, packing: bool = True,
+                 average: bool = False) -> tuple[Tensor, Tensor]:
+    if packing:
+        return packed_logps(model, pack_rows(pairs, pad_id), average)
+    return padded_logps(model, pairs, pad_id, average)
+
+
+@torch.no_grad()
+def reference_logps(model: nn.Module, pairs: Sequence[Pair], pad_id: int, batch_size: int = 16, packing: bool = True,
+                    average: bool = False, lora: bool = False) -> tuple[Tensor, Tensor]:
+    """Reference log-probs of every pair, (n,) chosen and (n,) rejected, in one no-grad pass.
+
+    ``model`` is the policy before its first update (it is the reference then); under LoRA the
+    adapters are switched off for the pass, so the base model is the reference whatever the
+    adapters hold. Pairs are sorted by length first, so each forward holds similar lengths.
+    """
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
+    chosen = torch.zeros(len(pairs))
+    rejected = torch.zeros(len(pairs))
+    ctx = model.disable_adapter() if lora else _null()
+    with ctx:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            c, r = policy_logps(model, [pairs[i] for i in idx], pad_id, packing, average)
+            chosen[idx], rejected[idx] = c.float(), r.float()
+    model.train(was_training)
+    return chosen, rejected
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0  # HF attention modules pass this to the kernel
+
+
+def _live_reference(model: nn.Module, lora: bool):
+    """The reference for ``precompute_ref: false``: adapters off (LoRA) or a frozen deep copy."""
+    if lora:
+        return model
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, tokenizer=None) -> dict[str, Any]:
+    """Run DPO; returns a summary (run_dir, steps, first/last loss, accuracy, timings).
+
+    ``model``/``tokenizer`` may be passed in already loaded (they are trained in place);
+    otherwise ``cfg.model.spec`` is loaded.
+    """
+    m, tc = cfg.method, cfg.trainer
+    torch.manual_seed(tc.seed)
+    run_dir = create_run_dir(cfg.run, "dpo", cfg, exist_ok=resume)
+    if model is None:
+        model, tokenizer = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    tok = tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows = load_pairs(cfg.data.path)
+    pairs = tokenize_pairs(rows, tok, cfg.data.chat_template, cfg.data.max_length, where=cfg.data.path)
+    if not pairs:
+        raise DataError(f"{cfg.data.path}: no preference pairs")
+    if m.disable_dropout:
+        _disable_dropout(model)
+    if m.lora:
+        from ankus.models.reference import apply_lora
+
+        model = apply_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout)
+    average = m.loss_type == "ipo"  # IPO's target 1/(2 beta) is on the per-token scale
+    packing = m.packing and getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+
+    # -- reference log-probs: once, before any update (or loaded back when resuming) --------------
+    ref_path = run_dir / "ref_logps.pt"
+    t_ref = time.perf_counter()
+    ref_model = None
+    if m.precompute_ref and resume and ref_path.exists():
+        ref_chosen, ref_rejected = torch.load(ref_path).values()
+    elif m.precompute_ref:
+        ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, m.ref_batch_size, packing, average, m.lora)
+        torch.save({"chosen": ref_chosen, "rejected": ref_rejected}, ref_path)
+    else:
+        ref_model = _live_reference(model, m.lora)
+    t_ref = time.perf_counter() - t_ref
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else 1.0)
+    start = 0
+    # TODO(checkpoint): resume from ankus.checkpoint.latest_checkpoint(run_dir) (model, opt, sched,
+    # step) once ankus/checkpoint.py lands; until then --resume only reuses ref_logps.pt.
+    if resume:
+        truncate_metrics(run_dir / "metrics.jsonl", start)
+
+    logger = MetricsLogger(run_dir / "metrics.jsonl")
+    model.train()
+    bad_in_a_row = 0
+    history: list[dict] = []
+    n_micro = max(1, tc.grad_accum)
+    bar = tqdm(range(start, tc.total_steps), desc="dpo", disable=not cfg.run.progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        idx = batch_order(len(pairs), tc.batch_size, step, tc.seed, cfg.data.shuffle)
+        all_c, all_r, all_rc, all_rr, n_tokens = [], [], [], [], 0
+        for k in range(n_micro):
+            mb = idx[k::n_micro]
+            if not mb:
+                continue
+            batch = [pairs[i] for i in mb]
+            chosen, rejected = policy_logps(model, batch, pad_id, packing, average)  # (b,), (b,)
+            if ref_model is None:
+                ref_c, ref_r = ref_chosen[mb], ref_rejected[mb]
+            else:
+                with torch.no_grad(), (ref_model.disable_adapter() if m.lora else _null()):
+                    ref_c, ref_r = policy_logps(ref_model, batch, pad_id, packing, average)
+            loss, _ = dpo_loss(chosen, rejected, ref_c, ref_r, m.beta, m.loss_type, m.label_smoothing)
+            if torch.isfinite(loss):
+                # dpo_loss is a mean over pairs: weight each micro-batch by its share of the batch
+                (loss * len(mb) / len(idx)).backward()
+            all_c.append(chosen.detach())
+            all_r.append(rejected.detach())
+            all_rc.append(ref_c)
+            all_rr.append(ref_r)
+            n_tokens += sum(len(pairs[i]) for i in mb)
+        loss, stats = dpo_loss(torch.cat(all_c), torch.cat(all_r), torch.cat(all_rc), torch.cat(all_rr),
+                               m.beta, m.loss_type, m.label_smoothing)
+        metrics: dict[str, Any] = {"loss": float(loss), **{k: float(v) for k, v in stats.items()}}
+        metrics["logps/chosen"] = float(torch.cat(all_c).mean())
+        metrics["logps/rejected"] = float(torch.cat(all_r).mean())
+        # TODO(checkpoint): use ankus.checkpoint.NonFiniteGuard once it lands.
+        if not torch.isfinite(loss):
+            opt.zero_grad(set_to_none=True)
+            bad_in_a_row += 1
+            metrics["skipped"] = 1.0
+            if bad_in_a_row >= tc.max_bad_steps:
+                logger.log(step + 1, metrics)
+                logger.close()
+                raise FloatingPointError(f"{bad_in_a_row} steps in a row with a non-finite loss (step {step + 1}); "
+                                         "lower trainer.lr or check the data")
+        else:
+            bad_in_a_row = 0
+            if tc.max_grad_norm > 0:
+                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
+            metrics["lr"] = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        metrics["perf/step_s"] = dt
+        metrics["perf/tokens_per_s"] = n_tokens / max(dt, 1e-9)
+        history.append(metrics)
+        if (step + 1) % tc.log_every == 0 or step == tc.total_steps - 1:
+            logger.log(step + 1, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracy']:.2f}")
+        # TODO(checkpoint): every tc.checkpoint_every steps, ankus.checkpoint.save_checkpoint(run_dir, step + 1,
+        # modules={"model": model}, optimizer=opt, scheduler=sched, keep_last=tc.keep_last), and stop cleanly
+        # when ankus.checkpoint.GracefulExit().requested.
+    logger.close()
+
+    plot_metrics(run_dir, ["loss", "rewards/margins", "rewards/accuracy", "rewards/chosen", "rewards/rejected"],
+                 title=f"DPO ({m.loss_type}, beta={m.beta})")
+    if cfg.run.save_model:
+        save_hf_model(model, tok, run_dir / "model")
+    step_s = sorted(h["perf/step_s"] for h in history)
+    return {
+        "run_dir": str(run_dir), "steps": len(history), "pairs": len(pairs),
+        "loss_first": history[0]["loss"] if history else math.nan,
+        "loss_last": history[-1]["loss"] if history else math.nan,
+        "accuracy_last": history[-1]["rewards/accuracy"] if history else math.nan,
+        "ref_precompute_s": t_ref if m.precompute_ref else 0.0,
+        "median_step_s": step_s[len(step_s) // 2] if step_s else math.nan,
+    }
