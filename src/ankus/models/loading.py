@@ -143,6 +143,23 @@ def _tiny_config(arch: str, vocab_size: int, bos: int, eos: int):
     raise AssertionError(arch)
 
 
+def letters_tokenizer():
+    """A character-level tokenizer over a-z, '|' and space, plus <pad>/<eos>/<bos>/<unk>: the
+    tiny vocabulary of trlX's random-walks model (its GPT-2 had vocab_size 23). With SmolLM2's
+    49k-token vocabulary the output layer would dominate a tiny model's cost ~100x over."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = ["<pad>", "<eos>", "<bos>", "<unk>", *string.ascii_lowercase, "|", " "]
+    core = Tokenizer(models.WordLevel({s: i for i, s in enumerate(symbols)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   unk_token="<unk>")
+
+
 def tiny_model(arch: str = "llama", seed: int = 0, tokenizer=None):
     """A random-init model of family ``arch`` with SmolLM2's tokenizer; deterministic in ``seed``."""
     from transformers import AutoModelForCausalLM
@@ -199,6 +216,9 @@ KNOWN_MODELS: dict[str, KnownModel] = {
                                 lambda dtype, seed: tiny_model("gpt-neox", seed)),
     "tiny-gpt2": KnownModel("tiny-gpt2", "random-init GPT-2, 4 layers x 64 wide, SmolLM2 tokenizer",
                             lambda dtype, seed: tiny_model("gpt2", seed)),
+    "tiny-gpt2-letters": KnownModel("tiny-gpt2-letters", "random-init GPT-2, 4 layers x 64 wide, 32-symbol "
+                                    "letter vocabulary (random walks)",
+                                    lambda dtype, seed: tiny_model("gpt2", seed, letters_tokenizer())),
 }
 
 

@@ -249,7 +249,9 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
         from ankus.rewards.randomwalks import generate_random_walks
 
         walks = generate_random_walks(seed=cfg.reward.kwargs.get("seed", 1000)).walks
-        _warm_start(model, tok, cfg, [" ".join(w) for w in walks])  # "bha" would merge into one token
+        # one token per node: a letter tokenizer takes "bha" as is; SmolLM2's would merge it into "bh"+"a"
+        spaced = len(tok(walks[0], add_special_tokens=False).input_ids) != len(walks[0])
+        _warm_start(model, tok, cfg, [" ".join(w) if spaced else w for w in walks])
 
     reference, ref_mode = _make_reference(model, m)
     policy = reference.policy  # the model to train (a peft model under LoRA)
@@ -398,11 +400,11 @@ def _ppo_step(policy, value_head, reference, opt, params, cfg: Config, beta, ids
     logps = logprobs_from_logits(logits, resp)  # (b, N)
     pg_loss, pg_stats = policy_loss(logps, old_logps, advantages, mask, m.cliprange)
     loss = pg_loss
-    out = {"loss/pg": float(pg_loss), **{f"policy/{k}": float(v) for k, v in pg_stats.items()}}
+    out = {"loss/pg": float(pg_loss.detach()), **{f"policy/{k}": float(v) for k, v in pg_stats.items()}}
     if value_head is not None:
         vf_loss, vf_stats = value_loss(values, old_values, returns, mask, m.cliprange_value)
         loss = loss + m.vf_coef * vf_loss
-        out["loss/vf"] = float(vf_loss)
+        out["loss/vf"] = float(vf_loss.detach())
         out.update({f"value/{k}": float(v) for k, v in vf_stats.items()})
         out["value/error"] = float(masked_mean((values.detach() - returns) ** 2, mask))
     if m.estimator == "grpo" and beta > 0:
@@ -410,7 +412,7 @@ def _ppo_step(policy, value_head, reference, opt, params, cfg: Config, beta, ids
             ref = reference.logps(ids, am, None, n_resp)
         kl_loss = masked_mean(kl_k3(logps, ref), mask)
         loss = loss + beta * kl_loss
-        out["loss/kl"] = float(kl_loss)
+        out["loss/kl"] = float(kl_loss.detach())
     with torch.no_grad():
         out["policy/entropy"] = float(entropy_from_logits(logits.detach(), mask))
     if not torch.isfinite(loss):
@@ -422,7 +424,7 @@ def _ppo_step(policy, value_head, reference, opt, params, cfg: Config, beta, ids
         out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
     opt.step()
     opt.zero_grad(set_to_none=True)
-    out["loss/total"] = float(loss)
+    out["loss/total"] = float(loss.detach())
     return out
 
 
