@@ -105,6 +105,11 @@ def test_padding_rows_attend_to_themselves_only():
     assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9], [4, 3, 1, 0, 0]]
     mask = D.prefix_shared_mask(packed.segment, packed.part, torch.float32)[1, 0] == 0
     assert mask[3].int().tolist() == [0, 0, 0, 1, 0] and mask[4].int().tolist() == [0, 0, 0, 0, 1]
+    # first-fit, longest first: lengths 3, 5, 3, 4 into rows of 6 -> [5], [4], [3, 3]
+    pairs = [D.Pair([1], [2], [3]), D.Pair([1, 1], [2], [3, 3]), D.Pair([4], [5], [6]), D.Pair([7, 7], [8], [9])]
+    packed = D.pack_rows(pairs, pad_id=0, max_row_tokens=6)
+    assert packed.segment.tolist() == [[1, 1, 1, 1, 1, -1], [3, 3, 3, 3, -1, -1], [0, 0, 0, 2, 2, 2]]
+    assert packed.position_ids[2].tolist() == [0, 1, 1, 0, 1, 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,3 +287,19 @@ def test_ipo_first_loss_and_lora_training(tmp_path, tiny):
         key = name.replace(".base_layer", "")
         assert torch.equal(p, base[key]), name
     assert out["loss_last"] < 25.0
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path, tiny):
+    data = write_pairs(tmp_path / "p.jsonl")
+    over = {"trainer.total_steps": 4, "trainer.checkpoint_every": 2, "run.name": "full"}
+    full = D.train(cfg_for(tmp_path, data, **over), **fresh(tiny))
+    # the same run cut after step 2 (its end-of-run checkpoint), then resumed to step 4
+    D.train(cfg_for(tmp_path, data, **{**over, "trainer.total_steps": 2, "run.name": "cut"}), **fresh(tiny))
+    resumed = D.train(cfg_for(tmp_path, data, **{**over, "run.name": "cut"}), resume=True, **fresh(tiny))
+    assert resumed["steps"] == 2  # only steps 3 and 4 ran
+    rows = {name: [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")] for name in ("full", "cut")}
+    assert [r["step"] for r in rows["cut"]] == [1, 2, 3, 4]
+    for a, b in zip(rows["full"], rows["cut"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert full["loss_last"] == pytest.approx(resumed["loss_last"], abs=1e-6)

@@ -12,12 +12,12 @@ Where a DPO step usually spends its time, and what this trainer does instead:
    computed once, in a no-grad pass over the data before the first step, and kept as two
    floats per pair (``method.precompute_ref``). No second model stays in memory.
 2. **Two forwards, a prompt encoded twice, and padding.** Each pair is laid out as
-   ``[prompt | chosen | rejected]`` and the pairs of a micro-batch are packed back to back in
-   one row. Rejected tokens take the positions that follow the prompt, and the attention mask
-   lets them see the prompt and themselves but not the chosen tokens, so each token computes
-   exactly what it would in its own padded ``prompt + completion`` sequence (tested). One
-   forward serves chosen and rejected, the prompt is encoded once per pair, and no token is
-   padding.
+   ``[prompt | chosen | rejected]`` and pairs are packed back to back into rows of about
+   ``method.row_tokens`` tokens. Rejected tokens take the positions that follow the prompt, and
+   the attention mask lets them see the prompt and themselves but not the chosen tokens, so
+   each token computes exactly what it would in its own ``prompt + completion`` sequence
+   (tested). One forward serves chosen and rejected, the prompt is encoded once per pair, and
+   padding is only what is left at the end of the rows.
 3. **The LM head over every position.** Only positions that predict a completion token go
    through the head (``logits_to_keep`` with a mask), which skips the prompt's 49k-way
    projections.
@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ankus.checkpoint import GracefulExit, NonFiniteGuard, latest_checkpoint, load_checkpoint, save_checkpoint
 from ankus.config import ModelConfig, RunConfig, TrainerConfig
 from ankus.data.io import DataError, read_jsonl
 from ankus.losses.dpo import dpo_loss, sequence_logps
@@ -67,10 +68,12 @@ class DPOMethod:
     """Conservative DPO's epsilon (assumed fraction of flipped labels); sigmoid only."""
     precompute_ref: bool = True
     """Reference log-probs computed once before training; false = a reference forward every step."""
-    ref_batch_size: int = 16
+    ref_batch_size: int = 32
     """Pairs per no-grad forward while precomputing reference log-probs."""
     packing: bool = True
-    """Pack [prompt|chosen|rejected] per pair into one row (no padding); false = padded chosen+rejected batch."""
+    """Lay each pair out as [prompt|chosen|rejected] in packed rows; false = padded chosen+rejected batch."""
+    row_tokens: int = 256
+    """Packed row length (a longer pair gets a row of its own); 0 = one row per micro-batch."""
     disable_dropout: bool = True
     """Zero every dropout probability, so policy and reference agree at step 0."""
     lora: bool = False
@@ -239,13 +242,26 @@ class PackedRows:
 
 
 def pack_rows(pairs: Sequence[Pair], pad_id: int, max_row_tokens: int = 0) -> PackedRows:
-    """Lay pairs out as ``[prompt | chosen | rejected]`` back to back; a new row starts when the
-    next pair would pass ``max_row_tokens`` (0 = everything in one row)."""
-    rows: list[list[int]] = [[]]
-    for i, p in enumerate(pairs):
-        if rows[-1] and max_row_tokens and sum(len(pairs[j]) for j in rows[-1]) + len(p) > max_row_tokens:
+    """Lay pairs out as ``[prompt | chosen | rejected]`` back to back, in rows of at most
+    ``max(max_row_tokens, longest pair)`` tokens (0 = everything in one row).
+
+    Rows are filled first-fit, longest pair first, so they end up nearly equally long and little
+    padding is left. Why rows at all: attention over a row costs its length squared, and a
+    token only needs its own pair, so eight 58-token pairs in two rows cost half the attention
+    of one 464-token row (measured ~13% faster per step on SmolLM2-135M, CPU).
+    """
+    capacity = max(max_row_tokens, max(len(p) for p in pairs)) if max_row_tokens else sum(len(p) for p in pairs)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(pairs)), key=lambda j: -len(pairs[j])):
+        r = next((r for r, free in enumerate(room) if free >= len(pairs[i])), None)
+        if r is None:
             rows.append([])
-        rows[-1].append(i)
+            room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= len(pairs[i])
+    rows = [sorted(row) for row in rows]  # file order inside a row (only cosmetic)
     L = max(sum(len(pairs[j]) for j in row) for row in rows)
     R, n = len(rows), len(pairs)
     input_ids = torch.full((R, L), pad_id, dtype=torch.long)
@@ -347,15 +363,16 @@ def padded_logps(model: nn.Module, pairs: Sequence[Pair], pad_id: int, average: 
 
 
 def policy_logps(model: nn.Module, pairs: Sequence[Pair], pad_id: int, packing: bool = True,
-                 average: bool = False) -> tuple[Tensor, Tensor]:
+                 average: bool = False, row_tokens: int = 256) -> tuple[Tensor, Tensor]:
+    """Chosen and rejected log-probs (n,), (n,) of ``pairs`` in one forward (packed or padded)."""
     if packing:
-        return packed_logps(model, pack_rows(pairs, pad_id), average)
+        return packed_logps(model, pack_rows(pairs, pad_id, row_tokens), average)
     return padded_logps(model, pairs, pad_id, average)
 
 
 @torch.no_grad()
 def reference_logps(model: nn.Module, pairs: Sequence[Pair], pad_id: int, batch_size: int = 16, packing: bool = True,
-                    average: bool = False, lora: bool = False) -> tuple[Tensor, Tensor]:
+                    average: bool = False, lora: bool = False, row_tokens: int = 256) -> tuple[Tensor, Tensor]:
     """Reference log-probs of every pair, (n,) chosen and (n,) rejected, in one no-grad pass.
 
     ``model`` is the policy before its first update (it is the reference then); under LoRA the
@@ -371,7 +388,7 @@ def reference_logps(model: nn.Module, pairs: Sequence[Pair], pad_id: int, batch_
     with ctx:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            c, r = policy_logps(model, [pairs[i] for i in idx], pad_id, packing, average)
+            c, r = policy_logps(model, [pairs[i] for i in idx], pad_id, packing, average, row_tokens)
             chosen[idx], rejected[idx] = c.float(), r.float()
     model.train(was_training)
     return chosen, rejected
@@ -439,99 +456,110 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
     t_ref = time.perf_counter()
     ref_model = None
     if m.precompute_ref and resume and ref_path.exists():
-        ref_chosen, ref_rejected = torch.load(ref_path).values()
+        saved = torch.load(ref_path, weights_only=True)
+        ref_chosen, ref_rejected = saved["chosen"], saved["rejected"]
     elif m.precompute_ref:
-        ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, m.ref_batch_size, packing, average, m.lora)
+        ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, m.ref_batch_size, packing, average, m.lora,
+                                                   m.row_tokens)
+        # kept in the run directory: after the first update the policy is no longer the reference
         torch.save({"chosen": ref_chosen, "rejected": ref_rejected}, ref_path)
     else:
         ref_model = _live_reference(model, m.lora)
     t_ref = time.perf_counter() - t_ref
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
+    # the fused kernel updates every tensor in one pass (CPU and CUDA): a few times less optimizer time
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay,
+                            fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else 1.0)
     start = 0
-    # TODO(checkpoint): resume from ankus.checkpoint.latest_checkpoint(run_dir) (model, opt, sched,
-    # step) once ankus/checkpoint.py lands; until then --resume only reuses ref_logps.pt.
-    if resume:
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, modules={"model": model}, optimizer=opt, scheduler=sched)["step"]
+    if resume:  # metrics continue from the checkpoint without a gap or a repeat
         truncate_metrics(run_dir / "metrics.jsonl", start)
 
+    def refs(mb: list[int], batch: list[Pair]) -> tuple[Tensor, Tensor]:
+        if ref_model is None:
+            return ref_chosen[mb], ref_rejected[mb]
+        with torch.no_grad(), (ref_model.disable_adapter() if m.lora else _null()):
+            return policy_logps(ref_model, batch, pad_id, packing, average, m.row_tokens)
+
     logger = MetricsLogger(run_dir / "metrics.jsonl")
+    guard = NonFiniteGuard(tc.max_bad_steps)
     model.train()
-    bad_in_a_row = 0
     history: list[dict] = []
-    n_micro = max(1, tc.grad_accum)
     bar = tqdm(range(start, tc.total_steps), desc="dpo", disable=not cfg.run.progress)
-    for step in bar:
-        t0 = time.perf_counter()
-        idx = batch_order(len(pairs), tc.batch_size, step, tc.seed, cfg.data.shuffle)
-        all_c, all_r, all_rc, all_rr, n_tokens = [], [], [], [], 0
-        for k in range(n_micro):
-            mb = idx[k::n_micro]
-            if not mb:
-                continue
-            batch = [pairs[i] for i in mb]
-            chosen, rejected = policy_logps(model, batch, pad_id, packing, average)  # (b,), (b,)
-            if ref_model is None:
-                ref_c, ref_r = ref_chosen[mb], ref_rejected[mb]
+    with GracefulExit() as stop:
+        for step in bar:
+            t0 = time.perf_counter()
+            idx = batch_order(len(pairs), tc.batch_size, step, tc.seed, cfg.data.shuffle)
+            metrics = _accumulate_gradients(model, pairs, idx, refs, pad_id, packing, average, cfg)
+            loss = metrics["loss"]
+            # max_norm=inf still returns the norm, which the guard checks
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
+            metrics.update(grad_norm=float(grad_norm), lr=opt.param_groups[0]["lr"])
+            if guard.check(loss, grad_norm):  # raises NonFiniteError after max_bad_steps in a row
+                opt.step()
+                sched.step()
             else:
-                with torch.no_grad(), (ref_model.disable_adapter() if m.lora else _null()):
-                    ref_c, ref_r = policy_logps(ref_model, batch, pad_id, packing, average)
-            loss, _ = dpo_loss(chosen, rejected, ref_c, ref_r, m.beta, m.loss_type, m.label_smoothing)
-            if torch.isfinite(loss):
-                # dpo_loss is a mean over pairs: weight each micro-batch by its share of the batch
-                (loss * len(mb) / len(idx)).backward()
-            all_c.append(chosen.detach())
-            all_r.append(rejected.detach())
-            all_rc.append(ref_c)
-            all_rr.append(ref_r)
-            n_tokens += sum(len(pairs[i]) for i in mb)
-        loss, stats = dpo_loss(torch.cat(all_c), torch.cat(all_r), torch.cat(all_rc), torch.cat(all_rr),
-                               m.beta, m.loss_type, m.label_smoothing)
-        metrics: dict[str, Any] = {"loss": float(loss), **{k: float(v) for k, v in stats.items()}}
-        metrics["logps/chosen"] = float(torch.cat(all_c).mean())
-        metrics["logps/rejected"] = float(torch.cat(all_r).mean())
-        # TODO(checkpoint): use ankus.checkpoint.NonFiniteGuard once it lands.
-        if not torch.isfinite(loss):
+                metrics["skipped"] = 1.0
             opt.zero_grad(set_to_none=True)
-            bad_in_a_row += 1
-            metrics["skipped"] = 1.0
-            if bad_in_a_row >= tc.max_bad_steps:
+            dt = time.perf_counter() - t0
+            metrics.update({"perf/step_s": dt, "perf/tokens_per_s": metrics.pop("tokens") / max(dt, 1e-9)})
+            history.append(metrics)
+            if (step + 1) % tc.log_every == 0 or step == tc.total_steps - 1:
                 logger.log(step + 1, metrics)
-                logger.close()
-                raise FloatingPointError(f"{bad_in_a_row} steps in a row with a non-finite loss (step {step + 1}); "
-                                         "lower trainer.lr or check the data")
-        else:
-            bad_in_a_row = 0
-            if tc.max_grad_norm > 0:
-                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
-            metrics["lr"] = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        metrics["perf/step_s"] = dt
-        metrics["perf/tokens_per_s"] = n_tokens / max(dt, 1e-9)
-        history.append(metrics)
-        if (step + 1) % tc.log_every == 0 or step == tc.total_steps - 1:
-            logger.log(step + 1, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracy']:.2f}")
-        # TODO(checkpoint): every tc.checkpoint_every steps, ankus.checkpoint.save_checkpoint(run_dir, step + 1,
-        # modules={"model": model}, optimizer=opt, scheduler=sched, keep_last=tc.keep_last), and stop cleanly
-        # when ankus.checkpoint.GracefulExit().requested.
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics['rewards/accuracy']:.2f}")
+            done = step + 1 == tc.total_steps
+            if stop.requested or done or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0):
+                save_checkpoint(run_dir, step + 1, modules={"model": model}, optimizer=opt, scheduler=sched,
+                                keep_last=tc.keep_last)
+            if stop.requested:
+                print(f"stopped at step {step + 1}; continue with: ankus train <recipe> run.name={run_dir.name} "
+                      f"run.out_dir={cfg.run.out_dir} --resume")
+                break
     logger.close()
 
     plot_metrics(run_dir, ["loss", "rewards/margins", "rewards/accuracy", "rewards/chosen", "rewards/rejected"],
                  title=f"DPO ({m.loss_type}, beta={m.beta})")
-    if cfg.run.save_model:
+    if cfg.run.save_model and not stop.requested:
         save_hf_model(model, tok, run_dir / "model")
     step_s = sorted(h["perf/step_s"] for h in history)
     return {
-        "run_dir": str(run_dir), "steps": len(history), "pairs": len(pairs),
+        "run_dir": str(run_dir), "steps": len(history), "pairs": len(pairs), "stopped_early": stop.requested,
         "loss_first": history[0]["loss"] if history else math.nan,
         "loss_last": history[-1]["loss"] if history else math.nan,
         "accuracy_last": history[-1]["rewards/accuracy"] if history else math.nan,
         "ref_precompute_s": t_ref if m.precompute_ref else 0.0,
         "median_step_s": step_s[len(step_s) // 2] if step_s else math.nan,
+        "skipped_steps": guard.skipped,
     }
+
+
+def _accumulate_gradients(model, pairs: list[Pair], idx: list[int], refs, pad_id: int, packing: bool,
+                          average: bool, cfg: Config) -> dict[str, Any]:
+    """Forward/backward over the batch ``idx`` in ``grad_accum`` micro-batches; returns the
+    batch's loss and statistics (and its token count under ``tokens``)."""
+    m = cfg.method
+    n_micro = max(1, cfg.trainer.grad_accum)
+    parts: list[tuple[Tensor, ...]] = []
+    tokens = 0
+    for k in range(n_micro):
+        mb = idx[k::n_micro]
+        if not mb:
+            continue
+        batch = [pairs[i] for i in mb]
+        chosen, rejected = policy_logps(model, batch, pad_id, packing, average, m.row_tokens)  # (b,), (b,)
+        ref_c, ref_r = refs(mb, batch)
+        loss, _ = dpo_loss(chosen, rejected, ref_c, ref_r, m.beta, m.loss_type, m.label_smoothing)
+        # dpo_loss is a mean over pairs: weight each micro-batch by its share of the batch
+        (loss * len(mb) / len(idx)).backward()
+        parts.append((chosen.detach(), rejected.detach(), ref_c, ref_r))
+        tokens += sum(len(pairs[i]) for i in mb)
+    chosen, rejected, ref_c, ref_r = (torch.cat(x) for x in zip(*parts))
+    loss, stats = dpo_loss(chosen, rejected, ref_c, ref_r, m.beta, m.loss_type, m.label_smoothing)
+    return {"loss": float(loss), **{k: float(v) for k, v in stats.items()},
+            "logps/chosen": float(chosen.mean()), "logps/rejected": float(rejected.mean()), "tokens": tokens}
