@@ -221,9 +221,17 @@ def evaluate(model, tok, prompts: list[str], cfg: Config, reward_fn: Callable, s
     gen = torch.Generator().manual_seed(seed)
     templated = [cfg.data.template.format(prompt=p) for p in prompts]
     out = generate(model, tok, templated, cfg.generation, generator=gen, batch_size=cfg.method.chunk_size)
-    scores = reward_fn(samples=[p + o for p, o in zip(templated, out.texts)], prompts=templated, outputs=out.texts)
-    check_rewards(scores, len(prompts), batch_index="eval")
+    scores = call_reward(reward_fn, templated, out.texts, batch="eval")
     return [{"prompt": p, "output": o, "score": _scalar(s)} for p, o, s in zip(prompts, out.texts, scores)]
+
+
+def call_reward(reward_fn: Callable, prompts: list[str], outputs: list[str], batch) -> list:
+    """Call a reward function and validate what it returns; any failure becomes a RewardError naming the batch."""
+    try:
+        scores = reward_fn(samples=[p + o for p, o in zip(prompts, outputs)], prompts=prompts, outputs=outputs)
+    except Exception as e:
+        raise RewardError(f"the reward function raised on batch {batch}: {type(e).__name__}: {e}") from e
+    return check_rewards(scores, len(prompts), batch_index=batch)
 
 
 def _scalar(score) -> float:
@@ -282,14 +290,10 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
             out = generate(policy, tok, templated, cfg.generation, generator=gen, batch_size=m.chunk_size)
         t_gen = time.perf_counter() - t0
         try:
-            raw = reward_fn(samples=[p + o for p, o in zip(templated, out.texts)], prompts=templated, outputs=out.texts)
-            check_rewards(raw, len(prompts), batch_index=it)
-        except Exception as e:
-            save_hf_model(policy, tok, run_dir / f"checkpoint-{it}")
-            if isinstance(e, RewardError):
-                raise
-            raise RewardError(f"the reward function raised on batch {it}: {type(e).__name__}: {e}. "
-                              f"A checkpoint was saved to {run_dir / f'checkpoint-{it}'}") from e
+            raw = call_reward(reward_fn, templated, out.texts, batch=it)
+        except RewardError as e:
+            saved = save_hf_model(policy, tok, run_dir / f"checkpoint-{it}")
+            raise RewardError(f"{e}. The model so far was saved to {saved}") from e.__cause__
         mask = out.response_mask.float()  # (B, N)
         if not bool((mask.sum(1) > 0).all()):
             mask[:, 0] = 1.0  # an empty response still carries its score on one token

@@ -1,0 +1,121 @@
+"""The PPO trainer's wiring on tiny models: alignment of the training forward with generation,
+every estimator and reference mode, and reward-function failures."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import ankus
+from ankus import load_model
+from ankus.models.heads import ValueHead
+from ankus.rewards import RewardError
+from ankus.runs import read_metrics
+from ankus.trainers.ppo import policy_forward
+
+
+def _recipe(tmp_path, **sections):
+    base = {
+        "algorithm": "ppo",
+        "model": {"spec": "tiny-llama"},
+        "trainer": {"total_steps": 2, "batch_size": 4},
+        "method": {"num_rollouts": 8, "chunk_size": 8, "ppo_epochs": 1, "num_layers_unfrozen": 2},
+        "generation": {"max_new_tokens": 6},
+        "data": {"num_eval": 4},
+        "run": {"out_dir": str(tmp_path), "name": "r", "progress": False},
+    }
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v}
+    return base
+
+
+def length_reward(samples, prompts, outputs, **kw):
+    return [len(o) / 10.0 for o in outputs]
+
+
+def test_policy_forward_slices_the_response_positions():
+    model, tok = load_model("tiny-llama", seed=2)
+    head = ValueHead(model.config.hidden_size)
+    prompt = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])  # left padded
+    pmask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    resp = torch.tensor([[20, 21, 22], [23, 24, 2]])
+    ids, am = torch.cat([prompt, resp], 1), torch.cat([pmask, torch.ones_like(resp)], 1)
+    logits, values, hidden = policy_forward(model, head, ids, am, n_resp=3, need_hidden_at=2)
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    full = model(input_ids=ids, attention_mask=am, position_ids=pos, output_hidden_states=True)
+    # logits at position P-1+t predict response token t
+    assert torch.allclose(logits, full.logits[:, 4:7], atol=1e-6)
+    assert torch.allclose(values, head(full.hidden_states[-1][:, 4:7]), atol=1e-6)
+    assert torch.equal(hidden, full.hidden_states[2])
+    # the unpadded row equals a forward without padding
+    alone = model(input_ids=ids[:1, 2:]).logits
+    assert torch.allclose(logits[0], alone[0, 2:5], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", [
+    {"estimator": "gae", "reference": "hydra"},
+    {"estimator": "gae", "reference": "lora"},
+    {"estimator": "gae", "reference": "copy", "num_layers_unfrozen": -1},
+    {"estimator": "rloo", "samples_per_prompt": 4, "reference": "hydra"},
+    {"estimator": "grpo", "samples_per_prompt": 4, "reference": "copy", "init_kl_coef": 0.1},
+])
+def test_every_estimator_and_reference_trains(tmp_path, method):
+    before, _ = load_model("tiny-llama")
+    result = ankus.train(_recipe(tmp_path, method=method), reward_fn=length_reward)
+    run = tmp_path / "r"
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward/mean", "kl/mean", "kl/beta", "loss/pg", "policy/clipfrac", "policy/approx_kl",
+                "policy/entropy", "perf/tokens_per_s"):
+        assert math.isfinite(rows[-1][key]), key
+    assert ("loss/vf" in rows[-1]) == (method["estimator"] == "gae")
+    assert (run / "metrics.png").exists() and (run / "eval_before_after.csv").exists()
+    after = AutoModelForCausalLM.from_pretrained(run / "model")
+    changed = [n for n, p in after.named_parameters() if not torch.equal(p, before.state_dict()[n])]
+    assert changed, "no parameter changed"
+    if method.get("reference") == "hydra":
+        # only the top 2 of 4 blocks (and the final norm) may move
+        assert all(".layers.2." in n or ".layers.3." in n or n == "model.norm.weight" for n in changed), changed
+        assert not any("embed" in n for n in changed)
+    assert result["reference"] == method["reference"]
+
+
+def test_reward_fn_that_raises_stops_with_batch_and_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def broken(samples, prompts, outputs, **kw):
+        calls["n"] += 1
+        if calls["n"] > 1:  # the first call scores the held-out prompts before training
+            raise KeyError("label")
+        return [0.0] * len(samples)
+
+    with pytest.raises(RewardError, match=r"raised on batch 0: KeyError") as e:
+        ankus.train(_recipe(tmp_path), reward_fn=broken)
+    assert "checkpoint-0" in str(e.value)
+    assert (tmp_path / "r" / "checkpoint-0" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda n: [float("nan")] * n, "nan"),
+    (lambda n: [1.0] * (n - 1), "length|expected"),
+])
+def test_bad_reward_values_name_the_batch(tmp_path, bad, match):
+    calls = {"n": 0}
+
+    def reward(samples, prompts, outputs, **kw):
+        calls["n"] += 1
+        return [0.0] * len(samples) if calls["n"] <= 1 else bad(len(samples))  # first call is the eval
+
+    with pytest.raises(RewardError, match=f"(?i)batch 0.*({match})|({match}).*batch 0"):
+        ankus.train(_recipe(tmp_path), reward_fn=reward)
+
+
+def test_reward_failure_before_training_names_the_eval_batch(tmp_path):
+    with pytest.raises(RewardError, match=r"raised on batch eval: ZeroDivisionError"):
+        ankus.train(_recipe(tmp_path), reward_fn=lambda samples, **kw: [1 / 0 for _ in samples])
+
+
+def test_grpo_needs_several_samples(tmp_path):
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        ankus.train(_recipe(tmp_path, method={"estimator": "grpo"}), reward_fn=length_reward)
