@@ -1,0 +1,151 @@
+"""Sampling speed: transformers' ``generate`` and ankus' ``generate`` side by side, same prompts,
+same sampling distribution (T=1, no top-k / top-p, EOS ignored so both make every token).
+
+    python benchmarks/generation.py                      # CPU, SmolLM2-135M fp32, batch 1 and 16
+    python benchmarks/generation.py --bf16               # also ankus with bf16 packed linears (opt-in)
+    python benchmarks/generation.py --device cuda        # random-init 135M / 360M / 1B shapes, bf16, batch 64
+
+Prints the median new tokens / second over the repeats (after a warm-up) for each engine and
+the ratio ankus / transformers. Runs alternate between the two engines so that load from other
+processes hits both alike; on a shared machine quote the ratio, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from ankus.generation.engine import GenerationConfig, generate
+
+# Random-init shapes for the GPU mode (weights do not matter for speed).
+CUDA_MODELS = {
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
+    "smollm2-360m": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
+                         intermediate_size=2560, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
+    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+}
+
+TEXT = ("The history of the region is long and varied. Farmers settled the river valleys first, growing barley "
+        "and flax, and trading with the herders of the hills. Later, towns grew at the fords, and their markets "
+        "drew merchants from the coast, who brought salt, copper and news of the wider world. ")
+
+
+def make_prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
+    """``batch`` different prompts of exactly ``length`` tokens: windows over a repeated passage."""
+    ids = tokenizer(TEXT * 8)["input_ids"]
+    return [ids[3 * i: 3 * i + length] for i in range(batch)]
+
+
+def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> int:
+    ids = torch.tensor(prompts, device=model.device)
+    gc = copy.deepcopy(model.generation_config)
+    gc.update(max_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad_id,
+              eos_token_id=None)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+    return (out.shape[1] - ids.shape[1]) * ids.shape[0]
+
+
+def ankus_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int, bf16: bool = False) -> int:
+    cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=True, temperature=1.0, ignore_eos=True, bf16=bf16)
+    out = generate(model, tokenizer, prompts, cfg)
+    return int(out.response_mask.sum())
+
+
+def timed(fn, sync) -> float:
+    """Tokens per second of one call."""
+    sync()
+    t0 = time.perf_counter()
+    n = fn()
+    sync()
+    return n / (time.perf_counter() - t0)
+
+
+def compare(name: str, engines: dict, repeats: int, sync) -> None:
+    for fn in engines.values():  # warm-up (one-time costs: packing weights, CUDA context, allocator)
+        fn()
+    rates = {k: [] for k in engines}
+    for _ in range(repeats):
+        for k, fn in engines.items():
+            rates[k].append(timed(fn, sync))
+    base = statistics.median(rates["transformers"])
+    for k, r in rates.items():
+        med = statistics.median(r)
+        spread = f"[{min(r):.0f}-{max(r):.0f}]"
+        print(f"{name:<28} {k:<22} {med:9.1f} tok/s {spread:>14}   x{med / base:.2f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--bf16", action="store_true", help="CPU: also time ankus with bf16 packed linears (opt-in)")
+    ap.add_argument("--models", nargs="+", default=list(CUDA_MODELS), help="GPU mode: which shapes")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    if args.device == "cpu":
+        from ankus import load_model
+
+        model, tok = load_model()
+        batch_sizes = args.batch_sizes or [1, 16]
+        new_tokens = args.new_tokens or 48
+        print(f"SmolLM2-135M fp32 on CPU, {torch.get_num_threads()} threads, prompts of {args.prompt_tokens} tokens, "
+              f"{new_tokens} new tokens, median of {args.repeats}")
+        for b in batch_sizes:
+            prompts = make_prompts(tok, b, args.prompt_tokens)
+            engines = {
+                "transformers": lambda: hf_generate(model, prompts, new_tokens, tok.pad_token_id),
+                "ankus": lambda: ankus_generate(model, tok, prompts, new_tokens),
+            }
+            if args.bf16:
+                engines["ankus bf16 (opt-in)"] = lambda: ankus_generate(model, tok, prompts, new_tokens, bf16=True)
+            compare(f"batch {b}", engines, args.repeats, lambda: None)
+        return
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ankus.models.loading import default_tokenizer
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    tok = default_tokenizer()
+    batch_sizes = args.batch_sizes or [64]
+    new_tokens = args.new_tokens or 128
+    sync = torch.cuda.synchronize
+    print(f"{torch.cuda.get_device_name()}: random-init models, bf16, prompts of {args.prompt_tokens} tokens, "
+          f"{new_tokens} new tokens, median of {args.repeats}")
+    for name in args.models:
+        shape = dict(CUDA_MODELS[name])
+        rope_theta = shape.pop("rope_theta")
+        config = LlamaConfig(**shape, max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                             rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
+        model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+        model.generation_config.pad_token_id = tok.eos_token_id
+        vocab = shape["vocab_size"]
+        for b in batch_sizes:
+            g = torch.Generator().manual_seed(b)
+            prompts = torch.randint(100, min(vocab, len(tok)), (b, args.prompt_tokens), generator=g).tolist()
+            engines = {
+                "transformers": lambda: hf_generate(model, prompts, new_tokens, tok.eos_token_id),
+                "ankus": lambda: ankus_generate(model, tok, prompts, new_tokens),
+            }
+            compare(f"{name} batch {b}", engines, args.repeats, sync)
+        del model
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,597 @@
+"""Batched sampling with a KV cache and per-token log-probabilities: ``generate(model, tokenizer, prompts)``.
+
+One loop for every causal LM transformers can run: the model's own ``forward`` does the work
+(no per-architecture code), called with a left-padded prompt batch, explicit position ids and a
+KV cache, asking for the logits of the last position only. Around it:
+
+* sampling (temperature, top-k, top-p) on plain tensors, no logits-processor objects;
+* classifier-free guidance (see :mod:`ankus.generation.guidance`) with a second branch and cache;
+* rows end at EOS (tokenizer and ``generation_config``, possibly several ids) or a stop string;
+  finished rows are dropped from the batch once enough of them have finished;
+* ``logprobs`` of each sampled token under the model's raw distribution (T = 1, no filtering, no
+  guidance): what PPO's old-policy log-probs need.
+
+Speed (CPU). A SmolLM2-135M decode step at batch 16 is ~75% matrix multiplies. MKL's fp32 GEMM
+with 16 rows reads each weight from DRAM at a few GB/s; oneDNN with weights reordered once into
+its blocked layout runs the same fp32 products ~1.6x faster (lm_head ~2x). So, by default, on CPU
+every ``nn.Linear`` (and GPT-2's ``Conv1D``) runs through oneDNN with packed weights for the
+duration of a call; packed weights are cached per parameter and re-packed when the parameter
+changes (its version counter moves). Results differ from MKL's only by fp32 summation order.
+``bf16=True`` packs bf16 weights instead (the CPU's AVX512-BF16 path): faster, different numbers.
+
+Speed (CUDA). The decode step runs on a preallocated ``StaticCache`` with fixed-shape inputs and
+is captured once per call as a CUDA graph, then replayed each step (see :func:`_static_step`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ankus.generation.guidance import cfg_scores, unconditional_prompts
+
+
+@dataclass
+class GenerationConfig:
+    """How to sample continuations. Also the ``generation`` section of a recipe."""
+
+    max_new_tokens: int = 48
+    """Most tokens generated per prompt (fewer if every row hits EOS or a stop string)."""
+    do_sample: bool = True
+    """Sample from the (filtered) distribution; False = greedy argmax."""
+    temperature: float = 1.0
+    """Divides the scores before softmax when sampling; must be > 0."""
+    top_k: int = 0
+    """Keep only the k highest-scoring tokens when sampling; 0 = off."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p; 1 = off."""
+    stop_strings: list[str] = field(default_factory=list)
+    """A row ends once its decoded response contains one of these (the text is cut before it)."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance gamma (Sanchez et al. 2023); 1 = off, no extra forward."""
+    negative_prompt: str | None = None
+    """Unconditional context for every row under CFG; None = the prompt's last token only."""
+    chat_template: bool | None = None
+    """Wrap string prompts in the tokenizer's chat template; None = when the tokenizer has one."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (fixed-length rollouts, benchmarks); stop strings still apply."""
+    packed_linears: bool = True
+    """CPU: run linear layers through oneDNN with weights packed once (same fp32 math, faster)."""
+    bf16: bool = False
+    """CPU opt-in: packed linear layers in bf16 (activations cast per layer); changes numerics."""
+    cuda_graph: bool = True
+    """CUDA: capture the decode step on a static KV cache as a CUDA graph and replay it."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature} "
+                             "(use do_sample=False for greedy decoding)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop_strings must not contain an empty string")
+
+
+@dataclass
+class GenerationOutput:
+    """A batch of prompts and their sampled continuations, row i for prompt i."""
+
+    prompt_ids: Tensor  # (B, P) left-padded with the pad token
+    prompt_mask: Tensor  # (B, P) 1 = real token
+    response_ids: Tensor  # (B, N) right-padded with the pad token
+    response_mask: Tensor  # (B, N) 1 = generated, up to and including EOS / the stop-string token
+    logprobs: Tensor  # (B, N) log-prob of each token under the raw model (T=1, no filter, no CFG); 0 on padding
+    texts: list[str]  # decoded responses, cut before a stop string, special tokens skipped
+
+    @property
+    def sequences(self) -> Tensor:
+        """(B, P + N) prompt and response side by side, the layout a training forward wants."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """(B, P + N) 1 on real prompt tokens and generated tokens."""
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], chat_template: bool | None = None
+                   ) -> list[list[int]]:
+    """Token ids for each prompt. Strings go through the chat template (one user turn plus the
+    assistant header, ``add_generation_prompt``) when ``chat_template`` is True, or None and the
+    tokenizer has one; otherwise through the plain tokenizer. Lists of ids pass through."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    use_chat = has_template if chat_template is None else chat_template
+    if use_chat and not has_template:
+        raise ValueError("chat_template=True but this tokenizer has no chat template; pass chat_template=False")
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if use_chat:
+                text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                     add_generation_prompt=True, tokenize=False)
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tokenizer(prompt)["input_ids"]
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            if tokenizer.bos_token_id is None:
+                raise ValueError(f"prompt {i} encodes to no tokens and the tokenizer has no BOS token to start from")
+            ids = [tokenizer.bos_token_id]  # an empty prompt conditions on BOS alone
+        encoded.append(ids)
+    return encoded
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """(ids, mask), both (B, width): each row right-aligned, pad_id / 0 on the left."""
+    width = max(len(s) for s in seqs) if width is None else width
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a row: the tokenizer's EOS and the model's ``generation_config`` EOS (an
+    int or a list; chat models often list their end-of-turn token there)."""
+    ids: list[int] = []
+    for source in (getattr(tokenizer, "eos_token_id", None),
+                   getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        for t in ([source] if isinstance(source, int) else list(source or [])):
+            if t not in ids:
+                ids.append(int(t))
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: pure functions on (B, V) scores
+
+
+def filter_scores(scores: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Top-k, then top-p (nucleus, Holtzman et al. 2020) filtering: dropped tokens get -inf.
+
+    scores: (B, V) float. top-k keeps the k highest (ties at the k-th value all kept); top-p keeps,
+    in decreasing-probability order, each token whose preceding mass is still below top_p, so the
+    kept set is the smallest whose mass reaches top_p (the most likely token always stays).
+    """
+    if top_k > 0 and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs  # (B, V) mass of strictly better tokens
+        drop_sorted = mass_before >= top_p
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, -math.inf)
+    return scores
+
+
+def sample_tokens(scores: Tensor, config: GenerationConfig, generator: torch.Generator | None = None) -> Tensor:
+    """Next token per row, (B,) long: argmax when greedy, else a draw from
+    softmax(filter(scores / temperature))."""
+    if not config.do_sample:
+        return scores.argmax(dim=-1)
+    scores = scores.float()
+    if config.temperature != 1.0:
+        scores = scores / config.temperature
+    scores = filter_scores(scores, config.top_k, config.top_p)
+    probs = torch.softmax(scores, dim=-1)  # (B, V)
+    return sample_inverse_cdf(probs, generator)
+
+
+def sample_inverse_cdf(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One draw per row of (B, V) probabilities, (B,) long: the first index whose cumulative
+    probability exceeds u * total, u ~ U[0, 1). Exact, one random number per row, and ~15x faster
+    than ``torch.multinomial`` on CPU at B=16, V=49k (1 ms vs 16 ms). The cumulative sum is in
+    float64 so that rounding cannot move the bins of unlikely tokens; a zero-probability token
+    adds an empty bin and is never drawn."""
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    u = torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64, device=probs.device)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1)
+    return idx.clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+
+
+def token_logps(logits: Tensor, tokens: Tensor) -> Tensor:
+    """(B,) log softmax(logits)[token] under the raw distribution: logit - logsumexp."""
+    logits = logits.float()
+    return logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed linear layers (CPU)
+
+# id(parameter) -> (weak reference, (version, data_ptr, dtype, transpose), packed weight); an entry
+# goes away with its parameter
+_PACKED: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - very old/new transformers
+        return None
+    return Conv1D
+
+
+def _packed_weight(weight: Tensor, transpose: bool, dtype: torch.dtype, rows_hint: int) -> Tensor:
+    """oneDNN's blocked copy of ``weight`` (out, in), made once per parameter version."""
+    key = (weight._version, weight.data_ptr(), dtype, transpose)
+    hit = _PACKED.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == key:
+        return hit[2]
+    w = weight.detach()
+    w = (w.t() if transpose else w).contiguous().to(dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, rows_hint)
+    if hit is None or hit[0]() is not weight:
+        weakref.finalize(weight, _PACKED.pop, id(weight), None)
+    _PACKED[id(weight)] = (weakref.ref(weight), key, packed)
+    return packed
+
+
+def _packed_forward(packed: Tensor, bias: Tensor | None, out_features: int, x: Tensor) -> Tensor:
+    compute_dtype = packed.dtype
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.dtype != compute_dtype:
+        x2 = x2.to(compute_dtype)
+    b = None if bias is None else bias.detach().to(compute_dtype)
+    y = torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "")
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)  # bf16 mode: the residual stream stays in the model's dtype
+    return y.reshape(*shape[:-1], out_features)
+
+
+def packed_linears_available(model) -> bool:
+    """CPU, oneDNN built in, and float weights."""
+    p = next(model.parameters(), None)
+    return (p is not None and p.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and p.dtype in (torch.float32, torch.bfloat16))
+
+
+@contextlib.contextmanager
+def packed_linears(model, dtype: torch.dtype | None = None, rows_hint: int = 16) -> Iterator[int]:
+    """Within the block, each plain ``nn.Linear`` / ``Conv1D`` of ``model`` computes through oneDNN
+    with a packed weight (an instance-level ``forward``; the module tree, hooks and the model's
+    own forward are untouched). Inference only: packed weights carry no gradient. Yields the
+    number of layers swapped."""
+    conv1d = _conv1d_type()
+    swapped: list[nn.Module] = []
+    try:
+        with torch.no_grad():
+            for mod in model.modules():
+                if "forward" in mod.__dict__:
+                    continue  # already swapped (shared module) or patched by someone else
+                if type(mod) is nn.Linear:
+                    weight, transpose, out_features = mod.weight, False, mod.out_features
+                elif conv1d is not None and type(mod) is conv1d:
+                    weight, transpose, out_features = mod.weight, True, mod.nf
+                else:
+                    continue
+                if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+                    continue
+                packed = _packed_weight(weight, transpose, dtype or weight.dtype, rows_hint)
+                mod.forward = functools.partial(_packed_forward, packed, mod.bias, out_features)
+                swapped.append(mod)
+        yield len(swapped)
+    finally:
+        for mod in swapped:
+            del mod.forward
+
+
+# ---------------------------------------------------------------------------------------------
+# One stream of forwards: a batch, its KV cache, its attention mask
+
+
+@dataclass
+class _Branch:
+    """The state of one batch of sequences being extended (the conditional or CFG's unconditional
+    branch): a KV cache, a preallocated (B, P + N) attention mask of which ``length`` columns are
+    in use, and the position id of each row's next token."""
+
+    cache: object
+    mask: Tensor  # (B, P + N) long
+    length: int
+    positions: Tensor  # (B, 1) long
+    static: bool  # a StaticCache: the model sees the full-width mask every step
+
+
+def _new_cache(model, static: bool, max_len: int):
+    from transformers import DynamicCache, StaticCache
+
+    if static:
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    return DynamicCache(config=model.config)
+
+
+def _prefill(model, ids: Tensor, mask: Tensor, max_new: int, static: bool) -> tuple[_Branch, Tensor]:
+    """Run the prompts; returns the branch state and the (B, V) logits for the first new token."""
+    B, P = ids.shape
+    full = torch.zeros((B, P + max_new), dtype=torch.long, device=ids.device)
+    full[:, :P] = mask
+    # Left padding: a row's first real token is position 0 (as transformers' generate does)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    cache = _new_cache(model, static, P + max_new)
+    out = model(input_ids=ids, attention_mask=full if static else mask, position_ids=positions, cache=cache,
+                use_cache=True, logits_to_keep=1)
+    branch = _Branch(cache=cache, mask=full, length=P, positions=positions[:, -1:] + 1, static=static)
+    return branch, out.logits[:, -1]
+
+
+def _decode(model, branch: _Branch, tokens: Tensor) -> Tensor:
+    """Feed one token per row (B,); returns the (B, V) logits for the next."""
+    branch.mask[:, branch.length] = 1
+    branch.length += 1
+    mask = branch.mask if branch.static else branch.mask[:, :branch.length]
+    out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=branch.positions,
+                cache=branch.cache, use_cache=True, logits_to_keep=1)
+    branch.positions = branch.positions + 1
+    return out.logits[:, -1]
+
+
+def _keep_rows(branch: _Branch, keep: Tensor) -> None:
+    """Drop finished rows from a branch: index every cache layer's keys / values and the mask."""
+    for layer in branch.cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == branch.mask.shape[0]:
+                setattr(layer, name, t.index_select(0, keep))
+        if hasattr(layer, "batch_size"):
+            layer.batch_size = int(keep.numel())
+    branch.mask = branch.mask.index_select(0, keep)
+    branch.positions = branch.positions.index_select(0, keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: a static-cache decode step captured as a graph
+
+
+def _graph_safe(model) -> bool:
+    """Full attention in every layer: our own 4-D additive mask is then exactly the model's mask."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        return False
+    return getattr(cfg, "sliding_window", None) in (None, 0) and not getattr(cfg, "is_encoder_decoder", False)
+
+
+def _additive_mask(mask2d: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, L) 1/0 -> (B, 1, 1, L) 0 / dtype-min: a one-query attention bias that sdpa and eager
+    attention both accept. Causality is implicit: columns past the current token are still 0."""
+    return torch.zeros(mask2d.shape, dtype=dtype, device=mask2d.device).masked_fill(
+        mask2d == 0, torch.finfo(dtype).min)[:, None, None, :]
+
+
+def _static_step(model, branch: _Branch, dtype: torch.dtype, capture: bool) -> Callable[[Tensor], Tensor]:
+    """A decode step with the same contract as :func:`_decode`, on fixed-shape buffers.
+
+    The forward reads three static buffers (token, position, 4-D additive mask) refilled before
+    each call, and ``StaticCache`` writes keys / values in place at an index it keeps in a device
+    tensor; so the same forward, replayed, is always a valid next step. With ``capture`` (CUDA)
+    the first call runs eagerly on a side stream (a real step that also warms up kernels and the
+    allocator), the second captures the forward as a CUDA graph, and every call replays it: one
+    launch per step instead of hundreds. Without ``capture`` every call runs the forward eagerly
+    on the same buffers, which is how the CPU tests check this path.
+    """
+    B = branch.mask.shape[0]
+    dev = branch.mask.device
+    tok_buf = torch.zeros((B, 1), dtype=torch.long, device=dev)
+    pos_buf = branch.positions.clone()
+    mask_buf = _additive_mask(branch.mask, dtype)
+    state: dict = {"graph": None, "logits": None, "calls": 0}
+
+    def forward() -> Tensor:
+        return model(input_ids=tok_buf, attention_mask=mask_buf, position_ids=pos_buf, cache=branch.cache,
+                     use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def step(tokens: Tensor) -> Tensor:
+        branch.mask[:, branch.length] = 1
+        branch.length += 1
+        tok_buf.copy_(tokens[:, None])
+        pos_buf.copy_(branch.positions)
+        mask_buf.copy_(_additive_mask(branch.mask, dtype))
+        branch.positions = branch.positions + 1
+        state["calls"] += 1
+        if not capture:
+            return forward()
+        if state["calls"] == 1:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = forward()
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if state["graph"] is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                state["logits"] = forward()
+            state["graph"] = graph
+        state["graph"].replay()
+        return state["logits"]
+
+    return step
+
+
+def _decode_mode(model, config: GenerationConfig) -> str:
+    """'graph': static cache + CUDA graph (CUDA, full-attention models); 'eager': the model's
+    forward on a dynamic cache. ('static', the graph path without capture, is for tests.)"""
+    device = next(model.parameters()).device
+    if device.type == "cuda" and config.cuda_graph and _graph_safe(model):
+        return "graph"
+    return "eager"
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _stop_hit(tokenizer, row_tokens: list[int], stop_strings: list[str], window: int) -> bool:
+    text = tokenizer.decode(row_tokens[-window:], skip_special_tokens=True)
+    return any(s in text for s in stop_strings)
+
+
+def _cut_text(text: str, stop_strings: list[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+@torch.no_grad()
+def _generate_chunk(model, tokenizer, prompt_ids: list[list[int]], uncond_ids: list[list[int]] | None,
+                    config: GenerationConfig, eos: list[int], pad_id: int,
+                    generator: torch.Generator | None) -> GenerationOutput:
+    device = next(model.parameters()).device
+    B, N = len(prompt_ids), config.max_new_tokens
+    ids, mask = left_pad(prompt_ids, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    response = torch.full((B, N), pad_id, dtype=torch.long, device=device)
+    response_mask = torch.zeros((B, N), dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, N), dtype=torch.float32, device=device)
+    if N == 0:
+        return GenerationOutput(ids, mask, response, response_mask, logprobs, [""] * B)
+
+    mode = _decode_mode(model, config)
+    static = mode in ("static", "graph")
+    dtype = next(model.parameters()).dtype
+    guided = config.guidance_scale != 1.0
+    eos_t = torch.tensor(eos if eos else [-1], device=device)
+    window = max((len(s) for s in config.stop_strings), default=0) + 8  # tokens enough to hold a stop string
+
+    def stepper(b: _Branch) -> Callable[[Tensor], Tensor]:
+        return _static_step(model, b, dtype, capture=mode == "graph") if static else functools.partial(_decode, model, b)
+
+    branch, logits = _prefill(model, ids, mask, N, static=static)
+    step = stepper(branch)
+    if guided:
+        u_ids, u_mask = left_pad(uncond_ids, pad_id)
+        u_branch, u_logits = _prefill(model, u_ids.to(device), u_mask.to(device), N, static=static)
+        u_step = stepper(u_branch)
+
+    rows = torch.arange(B, device=device)  # original index of each row still computed
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # per computed row
+    host_tokens: list[list[int]] = [[] for _ in range(B)]
+    for t in range(N):
+        scores = cfg_scores(logits, u_logits, config.guidance_scale) if guided else logits
+        tokens = sample_tokens(scores, config, generator)  # (b,)
+        live = ~done
+        response[rows, t] = torch.where(live, tokens, torch.full_like(tokens, pad_id))
+        response_mask[rows, t] = live.long()
+        logprobs[rows, t] = torch.where(live, token_logps(logits, tokens), torch.zeros((), device=device))
+        done = done | torch.isin(tokens, eos_t)
+        if config.stop_strings:
+            for j, (r, tok) in enumerate(zip(rows.tolist(), tokens.tolist())):
+                if live[j]:
+                    host_tokens[r].append(tok)
+                    if _stop_hit(tokenizer, host_tokens[r], config.stop_strings, window):
+                        done[j] = True
+        if t == N - 1:
+            break
+        n_done = int(done.sum()) if (device.type != "cuda" or t % 8 == 7) else 0  # a sync; rarely on GPU
+        if n_done == done.numel():
+            break
+        if not static and n_done and 4 * n_done >= done.numel():
+            keep = (~done).nonzero().squeeze(-1)
+            _keep_rows(branch, keep)
+            if guided:
+                _keep_rows(u_branch, keep)
+            rows, done, tokens = rows[keep], done[keep], tokens[keep]
+        logits = step(tokens)
+        if guided:
+            u_logits = u_step(tokens)
+
+    texts = []
+    for r in range(B):
+        n = int(response_mask[r].sum())
+        text = tokenizer.decode(response[r, :n].tolist(), skip_special_tokens=True)
+        texts.append(_cut_text(text, config.stop_strings) if config.stop_strings else text)
+    return GenerationOutput(ids, mask, response, response_mask, logprobs, texts)
+
+
+def _concat(outputs: list[GenerationOutput], pad_id: int) -> GenerationOutput:
+    if len(outputs) == 1:
+        return outputs[0]
+    P = max(o.prompt_ids.shape[1] for o in outputs)
+    N = max(o.response_ids.shape[1] for o in outputs)
+
+    def pad(t: Tensor, width: int, value, left: bool) -> Tensor:
+        extra = width - t.shape[1]
+        return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value) if extra else t
+
+    return GenerationOutput(
+        prompt_ids=torch.cat([pad(o.prompt_ids, P, pad_id, True) for o in outputs]),
+        prompt_mask=torch.cat([pad(o.prompt_mask, P, 0, True) for o in outputs]),
+        response_ids=torch.cat([pad(o.response_ids, N, pad_id, False) for o in outputs]),
+        response_mask=torch.cat([pad(o.response_mask, N, 0, False) for o in outputs]),
+        logprobs=torch.cat([pad(o.logprobs, N, 0.0, False) for o in outputs]),
+        texts=[t for o in outputs for t in o.texts],
+    )
+
+
+def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], config: GenerationConfig | None = None,
+             *, negative_prompts: Sequence[str] | Sequence[Sequence[int]] | None = None,
+             generator: torch.Generator | None = None, batch_size: int | None = None) -> GenerationOutput:
+    """Sample a continuation for each prompt (strings, or token-id lists used as is).
+
+    ``negative_prompts`` (one per prompt) or ``config.negative_prompt`` give CFG's unconditional
+    context when ``config.guidance_scale != 1``; they are encoded like the prompts. ``generator``
+    makes sampling reproducible. ``batch_size`` splits a long prompt list into chunks (a progress
+    bar shows when there are several); outputs are padded to a common width and concatenated.
+    """
+    config = config or GenerationConfig()
+    if not prompts:
+        raise ValueError("no prompts given")
+    prompt_ids = encode_prompts(tokenizer, prompts, config.chat_template)
+    negative_ids = None
+    if config.guidance_scale != 1.0:
+        if negative_prompts is not None:
+            negative_ids = encode_prompts(tokenizer, negative_prompts, config.chat_template)
+        elif config.negative_prompt is not None:
+            negative_ids = encode_prompts(tokenizer, [config.negative_prompt] * len(prompt_ids), config.chat_template)
+        uncond_ids = unconditional_prompts(prompt_ids, negative_ids)
+    elif negative_prompts is not None and len(negative_prompts) != len(prompt_ids):
+        raise ValueError(f"got {len(negative_prompts)} negative prompts for {len(prompt_ids)} prompts")
+    all_eos = eos_token_ids(model, tokenizer)
+    eos = [] if config.ignore_eos else all_eos
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (all_eos[0] if all_eos else 0)
+
+    size = batch_size or len(prompt_ids)
+    starts = list(range(0, len(prompt_ids), size))
+    if len(starts) > 1:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="generate", unit="batch")
+    use_packed = config.packed_linears and packed_linears_available(model) or config.bf16
+    if config.bf16 and not packed_linears_available(model):
+        raise ValueError("bf16=True needs a CPU model with float weights and oneDNN")
+    pack = (packed_linears(model, torch.bfloat16 if config.bf16 else None, rows_hint=min(size, 64))
+            if use_packed else contextlib.nullcontext())
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        with pack:
+            for s in starts:
+                chunk = prompt_ids[s:s + size]
+                u_chunk = uncond_ids[s:s + size] if config.guidance_scale != 1.0 else None
+                outputs.append(_generate_chunk(model, tokenizer, chunk, u_chunk, config, eos, pad_id, generator))
+    finally:
+        model.train(was_training)
+    return _concat(outputs, pad_id)

@@ -1,0 +1,258 @@
+"""The generation engine against transformers' generate, naive recomputation and hand-computed numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ankus import load_model
+from ankus.generation import engine
+from ankus.generation.engine import (
+    GenerationConfig,
+    encode_prompts,
+    filter_scores,
+    generate,
+    left_pad,
+    packed_linears,
+    sample_tokens,
+)
+
+PROMPTS = [
+    [504, 2365, 8130, 28, 29, 441],  # different lengths: left padding is exercised
+    [253, 1109],
+    [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511],
+    [4093],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return {spec: load_model(spec) for spec in ("tiny-llama", "tiny-gpt-neox", "tiny-gpt2")}
+
+
+def hf_greedy(model, tok, prompts, new_tokens, **kwargs):
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id, **kwargs)
+    return out[:, ids.shape[1]:]
+
+
+def assert_same_as_hf(out, ref, pad_id):
+    """Token-for-token over HF's length; beyond it (HF stops when all rows end) ours is padding."""
+    n = ref.shape[1]
+    assert out.response_ids[:, :n].tolist() == ref.tolist()
+    assert (out.response_ids[:, n:] == pad_id).all()
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt-neox", "tiny-gpt2"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_greedy_matches_transformers(tiny, spec, packed):
+    model, tok = tiny[spec]
+    cfg = GenerationConfig(max_new_tokens=12, do_sample=False, packed_linears=packed)
+    out = generate(model, tok, PROMPTS, cfg)
+    assert_same_as_hf(out, hf_greedy(model, tok, PROMPTS, 12), tok.pad_token_id)
+    # the prompt side: left-padded, mask marks real tokens
+    assert out.prompt_ids.shape == (4, 11)
+    for i, p in enumerate(PROMPTS):
+        assert out.prompt_ids[i, 11 - len(p):].tolist() == p
+        assert out.prompt_mask[i].tolist() == [0] * (11 - len(p)) + [1] * len(p)
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt-neox", "tiny-gpt2"])
+def test_static_cache_step_matches_transformers(tiny, spec, monkeypatch):
+    """The GPU path (static cache, fixed-shape buffers, own 4-D mask) run eagerly on CPU."""
+    model, tok = tiny[spec]
+    monkeypatch.setattr(engine, "_decode_mode", lambda model, config: "static")
+    out = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=10, do_sample=False))
+    assert_same_as_hf(out, hf_greedy(model, tok, PROMPTS, 10), tok.pad_token_id)
+
+
+@pytest.mark.slow
+def test_greedy_matches_transformers_smollm2():
+    model, tok = load_model()
+    prompts = ["What is the capital of France?", "Write a haiku about rain.", "2+2="]
+    out = generate(model, tok, prompts, GenerationConfig(max_new_tokens=16, do_sample=False))
+    ids = encode_prompts(tok, prompts, chat_template=None)
+    assert ids[0] == tok.apply_chat_template([{"role": "user", "content": prompts[0]}], add_generation_prompt=True,
+                                             tokenize=True)["input_ids"]
+    assert_same_as_hf(out, hf_greedy(model, tok, ids, 16), tok.pad_token_id)
+    assert "Paris" in out.texts[0]
+
+
+def test_sampling_reproducible_and_logprobs_match_full_forward(tiny):
+    model, tok = tiny["tiny-llama"]
+    cfg = GenerationConfig(max_new_tokens=10, temperature=0.7, top_k=50, top_p=0.9)
+    a = generate(model, tok, PROMPTS, cfg, generator=torch.Generator().manual_seed(3))
+    b = generate(model, tok, PROMPTS, cfg, generator=torch.Generator().manual_seed(3))
+    c = generate(model, tok, PROMPTS, cfg, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.response_ids, c.response_ids)
+    # each row recomputed alone (no padding) with a full forward over prompt + response
+    for i, p in enumerate(PROMPTS):
+        n = int(a.response_mask[i].sum())
+        resp = a.response_ids[i, :n].tolist()
+        with torch.no_grad():
+            logits = model(torch.tensor([p + resp])).logits[0].float()  # (T, V)
+        logps = torch.log_softmax(logits, -1)
+        expected = [logps[len(p) - 1 + j, resp[j]].item() for j in range(n)]  # raw distribution: T=1, no filter
+        assert a.logprobs[i, :n].tolist() == pytest.approx(expected, abs=1e-4)
+        assert (a.logprobs[i, n:] == 0).all()
+
+
+def test_filter_scores_hand_computed():
+    s = torch.tensor([[1.0, 3.0, 2.0, 0.0, 2.0]])
+    inf = -math.inf
+    assert filter_scores(s, top_k=2).tolist() == [[inf, 3.0, 2.0, inf, 2.0]]  # ties at the k-th value kept
+    assert filter_scores(s, top_k=1).tolist() == [[inf, 3.0, inf, inf, inf]]
+    # probs of [ln .5, ln .3, ln .15, ln .05]: top_p=0.7 keeps .5 and .3 (mass before .3 is .5 < .7)
+    s = torch.log(torch.tensor([[0.15, 0.5, 0.05, 0.3]]))
+    assert torch.isinf(filter_scores(s, top_p=0.7)).tolist() == [[True, False, True, False]]
+    assert torch.isinf(filter_scores(s, top_p=0.8)).tolist() == [[True, False, True, False]]  # .5+.3 reaches .8
+    assert torch.isinf(filter_scores(s, top_p=0.81)).tolist() == [[False, False, True, False]]
+    assert torch.isinf(filter_scores(s, top_p=0.3)).tolist() == [[True, False, True, True]]  # best always kept
+
+
+def test_sampling_distribution_matches_hand_computed():
+    """Empirical frequencies of 40k draws vs softmax(filter(logits / T)) worked out by hand."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0])
+    T, k, p = 0.8, 4, 0.95
+    # by hand: rank by logit, keep the top 4, softmax at T, then keep while the mass before < 0.9
+    ranked = sorted(range(6), key=lambda i: -logits[i].item())[:k]  # [5, 0, 1, 2]
+    w = [math.exp(logits[i].item() / T) for i in ranked]
+    probs = [x / sum(w) for x in w]
+    kept, mass = [], 0.0
+    for i, q in zip(ranked, probs):
+        if mass < p:
+            kept.append(i)
+        mass += q
+    z = sum(math.exp(logits[i].item() / T) for i in kept)
+    expected = [math.exp(logits[i].item() / T) / z if i in kept else 0.0 for i in range(6)]
+    assert kept == [5, 0, 1]  # probs .708 .203 .058 .031: the 4th starts past 0.95
+
+    n = 40_000
+    cfg = GenerationConfig(temperature=T, top_k=k, top_p=p)
+    draws = sample_tokens(logits.expand(n, 6).clone(), cfg, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=6).tolist()
+    assert counts[2] == counts[3] == counts[4] == 0
+    chi2 = sum((counts[i] - n * expected[i]) ** 2 / (n * expected[i]) for i in kept)
+    assert chi2 < 13.8  # chi-square, 2 degrees of freedom, p = 0.001
+
+
+def test_first_token_distribution_of_a_model(tiny):
+    """Through the whole engine: first-token frequencies vs the model's own filtered softmax."""
+    model, tok = tiny["tiny-gpt2"]
+    prompt = [504, 2365, 8130]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].float()
+    T, k = 0.05, 3  # a cold temperature so that three tokens carry visible mass
+    top = torch.topk(logits, k)
+    expected = torch.softmax(top.values / T, -1).tolist()
+    n = 1200
+    out = generate(model, tok, [prompt] * n, GenerationConfig(max_new_tokens=1, temperature=T, top_k=k),
+                   generator=torch.Generator().manual_seed(1), batch_size=300)
+    first = out.response_ids[:, 0]
+    assert set(first.tolist()) <= set(top.indices.tolist())
+    counts = [(first == t).sum().item() for t in top.indices.tolist()]
+    chi2 = sum((c - n * e) ** 2 / (n * e) for c, e in zip(counts, expected) if n * e > 1)
+    assert chi2 < 13.8
+
+
+def test_eos_and_stop_strings_end_rows(tiny):
+    model, tok = tiny["tiny-gpt-neox"]
+    base = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=12, do_sample=False))
+    assert base.response_mask.all()
+    # declare row 0's 4th token an EOS (through generation_config, as chat models do)
+    eos_tok = base.response_ids[0, 3].item()
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, eos_tok]
+    try:
+        out = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=12, do_sample=False))
+        ref = hf_greedy(model, tok, PROMPTS, 12)
+    finally:
+        model.generation_config.eos_token_id = old
+    assert_same_as_hf(out, ref, tok.pad_token_id)  # finished rows are dropped here (1 of 4): others unchanged
+    for i in range(4):
+        row = base.response_ids[i].tolist()
+        end = row.index(eos_tok) + 1 if eos_tok in row else 12  # up to and including EOS
+        assert out.response_mask[i].tolist() == [1] * end + [0] * (12 - end)
+        assert out.response_ids[i, :end].tolist() == row[:end]
+        assert (out.response_ids[i, end:] == tok.pad_token_id).all() and (out.logprobs[i, end:] == 0).all()
+    assert out.response_mask[0].sum() <= 4 and out.response_mask.sum(1).max() > 4  # some rows end early, not all
+
+    # a stop string: the text of row 2 from its 5th token on, found by decoding prefixes naively
+    model2, tok2 = tiny["tiny-gpt2"]
+    base = generate(model2, tok2, PROMPTS, GenerationConfig(max_new_tokens=12, do_sample=False))
+    row = base.response_ids[2].tolist()
+    stop = tok2.decode(row[4:6])
+    assert stop.strip(), "pick a visible stop string"
+    ends = []
+    for i in range(4):
+        toks = base.response_ids[i].tolist()
+        ends.append(next((j + 1 for j in range(12) if stop in tok2.decode(toks[:j + 1])), 12))
+    out = generate(model2, tok2, PROMPTS, GenerationConfig(max_new_tokens=12, do_sample=False, stop_strings=[stop]))
+    for i in range(4):
+        assert out.response_mask[i].tolist() == [1] * ends[i] + [0] * (12 - ends[i])
+        full = tok2.decode(base.response_ids[i].tolist())
+        assert out.texts[i] == (full[:full.find(stop)] if stop in full else full)
+    assert ends[2] <= 6 and stop not in out.texts[2]
+
+
+def test_chunks_equal_one_batch(tiny):
+    model, tok = tiny["tiny-llama"]
+    cfg = GenerationConfig(max_new_tokens=6, do_sample=False)
+    whole = generate(model, tok, PROMPTS + PROMPTS[:1], cfg)
+    chunked = generate(model, tok, PROMPTS + PROMPTS[:1], cfg, batch_size=2)
+    assert chunked.response_ids.tolist() == whole.response_ids.tolist()
+    assert chunked.prompt_mask.tolist() == whole.prompt_mask.tolist()
+    assert len(chunked.texts) == 5 and chunked.texts == whole.texts
+
+
+def test_encode_prompts(tiny):
+    _, tok = tiny["tiny-llama"]
+    chat = encode_prompts(tok, ["hi"], chat_template=None)[0]
+    assert chat == tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                           tokenize=True)["input_ids"]
+    assert encode_prompts(tok, ["hi there"], chat_template=False)[0] == tok("hi there")["input_ids"]
+    assert encode_prompts(tok, [[5, 6, 7]], chat_template=True)[0] == [5, 6, 7]  # ids pass through
+
+
+def test_packed_linears_same_logits_and_restored(tiny):
+    model, tok = tiny["tiny-gpt2"]  # GPT-2's Conv1D and an nn.Linear head
+    x = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        ref = model(x).logits
+        with packed_linears(model) as n:
+            assert n == 4 * 4 + 1  # per block: c_attn, c_proj, c_fc, mlp c_proj; plus lm_head
+            packed = model(x).logits
+            with packed_linears(model, torch.bfloat16):  # nested: already swapped, nothing changes
+                again = model(x).logits
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        torch.testing.assert_close(packed, ref, atol=1e-5, rtol=1e-5)
+        assert torch.equal(again, packed)
+        # an in-place weight update (an optimizer step) must be seen: packed weights are re-made
+        w = model.transformer.h[0].mlp.c_fc.weight
+        saved = w.clone()
+        try:
+            w.mul_(1.5)
+            ref2 = model(x).logits
+            with packed_linears(model):
+                packed2 = model(x).logits
+        finally:
+            w.copy_(saved)
+        assert not torch.allclose(ref2, ref)
+        torch.testing.assert_close(packed2, ref2, atol=1e-5, rtol=1e-5)
+        with packed_linears(model, torch.bfloat16):
+            bf = model(x).logits
+        assert bf.dtype == torch.float32 and (bf - ref).abs().max() < 0.05
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        GenerationConfig(top_k=-1)
+    GenerationConfig(temperature=0.0, do_sample=False)  # greedy ignores temperature
