@@ -64,6 +64,41 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
+class Breakdown:
+    """Seconds spent in the policy forward, the reference forward and the optimizer step, told
+    apart by wrapping ``forward`` (a module in train mode is the policy, in eval mode the
+    reference) and ``torch.optim.AdamW.step``; the rest of a step is mostly the backward."""
+
+    def __init__(self):
+        self.total = {"forward": 0.0, "ref_forward": 0.0, "optimizer": 0.0}
+
+    def wrap_module(self, module):
+        forward = module.forward
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return forward(*a, **k)
+            finally:
+                self.total["forward" if module.training else "ref_forward"] += time.perf_counter() - t
+
+        module.forward = timed
+
+    def wrap_optimizer(self):
+        import torch
+
+        step = torch.optim.AdamW.step
+
+        def timed(opt, *a, **k):
+            t = time.perf_counter()
+            try:
+                return step(opt, *a, **k)
+            finally:
+                self.total["optimizer"] += time.perf_counter() - t
+
+        torch.optim.AdamW.step = timed
+
+
 def bench_rows(n: int) -> list[dict]:
     from ankus.trainers.dpo import load_pairs
 
@@ -93,14 +128,21 @@ def worker_ankus(args) -> dict:
                     "max_grad_norm": 1.0, "seed": 0},
         "run": {"out_dir": str(tmp), "name": "run", "progress": False, "save_model": False},
     })
+    parts = Breakdown()
+    if args.breakdown:
+        parts.wrap_module(model)
+        parts.wrap_optimizer()
     t0 = time.perf_counter()
     with PeakRSS() as mem:
         summary = dpo.train(cfg, model=model, tokenizer=tok)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in open(tmp / "run" / "metrics.jsonl")]
+    # the reference pass runs before the steps, in eval mode: it is not part of any step
+    parts.total["ref_forward"] = 0.0
     return {"framework": "ankus", "threads": torch.get_num_threads(), "step_s": [r["perf/step_s"] for r in rows],
             "loss": [r["loss"] for r in rows], "margins": [r["rewards/margins"] for r in rows],
-            "wall_s": wall, "ref_precompute_s": summary["ref_precompute_s"], "peak_rss_delta": mem.peak - rss0}
+            "wall_s": wall, "ref_precompute_s": summary["ref_precompute_s"], "peak_rss_delta": mem.peak - rss0,
+            "breakdown": parts.total if args.breakdown else None}
 
 
 def worker_trl(args) -> dict:
@@ -149,13 +191,19 @@ def worker_trl(args) -> dict:
             return loss
 
         trainer.compute_loss = recording
+        parts = Breakdown()
+        if args.breakdown:
+            parts.wrap_module(trainer.model)
+            parts.wrap_module(trainer.ref_model)
+            parts.wrap_optimizer()
         setup = time.perf_counter() - t0
         trainer.train()
     wall = time.perf_counter() - t0
     margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
     return {"framework": "trl", "threads": torch.get_num_threads(),
             "step_s": [b - a for a, b in zip(step_ends, step_ends[1:])], "loss": losses, "margins": margins,
-            "wall_s": wall, "setup_s": setup, "peak_rss_delta": mem.peak - rss0}
+            "wall_s": wall, "setup_s": setup, "peak_rss_delta": mem.peak - rss0,
+            "breakdown": parts.total if args.breakdown else None}
 
 
 def run_worker(name: str, argv: list[str]) -> dict:
@@ -177,6 +225,8 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=0, help="torch threads in both workers; 0 = torch's default")
     p.add_argument("--no-packing", action="store_true", help="ankus: padded chosen+rejected batches instead")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the policy forward, reference forward and optimizer (adds a little overhead)")
     p.add_argument("--only", choices=["ankus", "trl"], help="run one framework")
     p.add_argument("--worker", choices=["ankus", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -205,6 +255,12 @@ def main() -> None:
         print(f"  {name:5s}  {r['median_step_s']:7.2f} s/step (median of {len(timed)})   wall {r['wall_s']:7.1f} s "
               f"({extra})   peak RSS +{r['peak_rss_delta'] / 2**20:7.0f} MiB   threads {r['threads']}")
         print(f"         steps: {' '.join(f'{t:.2f}' for t in r['step_s'])}")
+        if r.get("breakdown"):
+            n = len(r["step_s"])
+            b = {k: v / n for k, v in r["breakdown"].items()}
+            rest = sum(r["step_s"]) / n - sum(b.values())
+            print(f"         per step: policy forward {b['forward']:.2f} s, reference forward {b['ref_forward']:.2f} s, "
+                  f"optimizer {b['optimizer']:.2f} s, backward and rest {rest:.2f} s")
         print(f"         loss:  {' '.join(f'{x:.6f}' for x in r['loss'])}")
     if len(results) == 2:
         a, t = results["ankus"], results["trl"]

@@ -322,21 +322,27 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def packed_logps(model: nn.Module, packed: PackedRows, average: bool = False) -> tuple[Tensor, Tensor]:
     """One forward over packed pairs -> chosen and rejected log-probs, each (n,), float32."""
-    mask = prefix_shared_mask(packed.segment, packed.part, _model_dtype(model))
-    out = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                logits_to_keep=packed.keep, use_cache=False)
+    dev = _model_device(model)
+    mask = prefix_shared_mask(packed.segment, packed.part, _model_dtype(model)).to(dev)
+    out = model(input_ids=packed.input_ids.to(dev), attention_mask=mask, position_ids=packed.position_ids.to(dev),
+                logits_to_keep=packed.keep.to(dev), use_cache=False)
     logits = out.logits.reshape(-1, out.logits.shape[-1])  # (U, V): one row per kept position
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     # log p(label) = logit[label] - logsumexp: logsumexp once per kept position, though the
     # last prompt token serves two completion tokens
     lse = torch.logsumexp(logits, dim=-1)  # (U,)
-    token_logps = logits[packed.predictor, packed.labels] - lse[packed.predictor]  # (K,)
+    predictor, labels, seq_index = packed.predictor.to(dev), packed.labels.to(dev), packed.seq_index.to(dev)
+    token_logps = logits[predictor, labels] - lse[predictor]  # (K,)
     n = packed.n_pairs
-    logps = token_logps.new_zeros(2 * n).index_add(0, packed.seq_index, token_logps)  # (2n,)
+    logps = token_logps.new_zeros(2 * n).index_add(0, seq_index, token_logps)  # (2n,)
     if average:
-        counts = torch.bincount(packed.seq_index, minlength=2 * n).clamp(min=1)
+        counts = torch.bincount(seq_index, minlength=2 * n).clamp(min=1)
         logps = logps / counts
     return logps[:n], logps[n:]
 
@@ -356,6 +362,8 @@ def padded_logps(model: nn.Module, pairs: Sequence[Pair], pad_id: int, average: 
         completion[b, P:len(s)] = 1
     # logits are needed from the first completion's predictor onwards
     keep = L - min(n_prompt) + 1
+    dev = _model_device(model)
+    input_ids, attention_mask, completion = input_ids.to(dev), attention_mask.to(dev), completion.to(dev)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False).logits
     logps = sequence_logps(logits[:, :-1], input_ids[:, L - keep + 1:], completion[:, L - keep + 1:], average)
     n = len(pairs)
@@ -389,7 +397,7 @@ def reference_logps(model: nn.Module, pairs: Sequence[Pair], pad_id: int, batch_
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             c, r = policy_logps(model, [pairs[i] for i in idx], pad_id, packing, average, row_tokens)
-            chosen[idx], rejected[idx] = c.float(), r.float()
+            chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
     model.train(was_training)
     return chosen, rejected
 
@@ -483,7 +491,8 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
 
     def refs(mb: list[int], batch: list[Pair]) -> tuple[Tensor, Tensor]:
         if ref_model is None:
-            return ref_chosen[mb], ref_rejected[mb]
+            dev = _model_device(model)
+            return ref_chosen[mb].to(dev), ref_rejected[mb].to(dev)
         with torch.no_grad(), (ref_model.disable_adapter() if m.lora else _null()):
             return policy_logps(ref_model, batch, pad_id, packing, average, m.row_tokens)
 
