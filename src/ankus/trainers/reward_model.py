@@ -1,0 +1,362 @@
+"""Reward-model training: a causal LM trunk plus a scalar head, fitted to pairwise preferences.
+
+Data: (prompt, chosen, rejected) triples -- a JSONL file, or the built-in ``synthetic`` set
+(:func:`synthetic_preferences`). Each response is read as ``prompt + response + EOS`` and scored
+by the head on the final hidden state at that EOS (:mod:`ankus.rewards.model`). The loss is the
+Bradley–Terry negative log-likelihood −log σ(r_chosen − r_rejected) (InstructGPT, eq. 1);
+pairwise accuracy on held-out pairs is the metric.
+
+Chosen and rejected responses of a step go through the trunk in one forward (packed end to end,
+or bucketed by length), and the saved run serves as a PPO reward: ``reward: model:<run dir>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from ankus.config import ModelConfig, RunConfig, TrainerConfig
+from ankus.data.batching import BatchingMode, Example, make_batch, packing_is_exact
+from ankus.data.io import DataError
+from ankus.losses.reward import bradley_terry_loss
+from ankus.models.heads import ValueHead
+from ankus.models.loading import load_model
+from ankus.rewards.model import FORMAT, HEAD_FILE, META_FILE, sequence_rewards, tokenize_response
+from ankus.runs import MetricsLogger, create_run_dir, plot_metrics, save_hf_model, truncate_metrics
+from ankus.trainers.sft import make_optimizer, maybe_apply_lora, split_eval, step_batches
+
+__all__ = ["RMData", "RMMethod", "Config", "train", "synthetic_preferences", "load_pairs", "pair_rewards",
+           "evaluate_pairs"]
+
+
+@dataclass
+class RMData:
+    name: str = "synthetic"
+    """Built-in 'synthetic' preference set, or a JSONL file of {prompt, chosen, rejected}."""
+    eval_name: str = ""
+    """Held-out JSONL file; empty = eval_fraction of the data (the synthetic set has its own held-out split)."""
+    eval_fraction: float = 0.1
+    """Share of the pairs held out when there is no eval file or built-in split."""
+    kwargs: dict = field(default_factory=dict)
+    """Options of the synthetic set (n_train, n_eval, seed, negation)."""
+    prompt_field: str = "prompt"
+    """Field holding the prompt."""
+    chosen_field: str = "chosen"
+    """Field holding the preferred response."""
+    rejected_field: str = "rejected"
+    """Field holding the dispreferred response."""
+    max_length: int = 512
+    """Tokens per prompt+response; longer inputs lose their first tokens (the read-out EOS stays)."""
+    batching: Literal["pack", "bucket", "pad"] = "pack"
+    """pack: sequences end to end with restarting positions; bucket: similar lengths per batch; pad: plain."""
+    pack_length: int = 2048
+    """Most tokens in one packed row."""
+
+
+@dataclass
+class RMMethod:
+    margin: float = 0.0
+    """Bradley–Terry margin m in −log σ(r_c − r_r − m) (Llama 2); 0 = the plain loss."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """LR after warm-up: constant, or cosine decay to min_lr_ratio x lr at total_steps."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of trainer.lr (cosine only)."""
+    eval_every: int = 50
+    """Held-out accuracy every this many steps; 0 = at the end only."""
+    eval_batch_size: int = 64
+    """Pairs per forward in evaluation."""
+    lora: bool = False
+    """Train LoRA adapters on the trunk (the head is always trained in full)."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA alpha (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    lora_target: list[str] = field(default_factory=list)
+    """Module names to adapt; empty = every linear layer but the output head."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The trunk (a causal LM)."""
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=1e-4, batch_size=32, total_steps=200))
+    """Optimisation; batch_size counts preference pairs."""
+    data: RMData = field(default_factory=RMData)
+    """Preference pairs."""
+    method: RMMethod = field(default_factory=RMMethod)
+    """Loss margin, LR schedule, eval cadence, LoRA."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run directory."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the synthetic preference set
+
+_POSITIVE = ("good", "great", "excellent", "wonderful", "superb", "delightful", "brilliant", "lovely",
+             "charming", "fantastic", "pleasant", "enjoyable", "moving", "clever", "gripping", "stunning")
+_NEGATIVE = ("bad", "awful", "terrible", "dull", "boring", "poor", "dreadful", "weak",
+             "tedious", "clumsy", "bland", "lousy", "messy", "shallow", "forgettable", "annoying")
+_TRAIN_NOUNS = ("film", "plot", "acting", "soundtrack", "ending", "script", "pacing", "dialogue", "cast",
+                "story", "direction", "finale", "lighting", "editing", "score", "premise", "villain", "hero",
+                "humour", "opening", "sequel", "costumes", "casting", "cinematography")
+_EVAL_NOUNS = ("screenplay", "narrative", "performances", "music", "twist", "climax", "characters", "visuals")
+_INTROS = ("", "Honestly, ", "Overall, ", "In short, ", "To me, ", "I thought ", "Frankly, ", "All in all, ")
+_TAILS = ("", " from start to finish", " in every scene", " at times", " for the most part", " throughout",
+          " compared to the book", " on a second viewing")
+
+
+def synthetic_preferences(n_train: int = 2000, n_eval: int = 200, seed: int = 0,
+                          negation: float = 0.25) -> tuple[list[dict], list[dict]]:
+    """(train, eval) preference pairs whose preference is learnable but not a bag of words.
+
+    Prompt: ``"Review the {noun}."``. Both responses share one sentence frame -- an intro, the
+    noun, optionally ``not``, a tail -- and differ only in one adjective, one from a positive
+    list and one from a negative list (16 each). The chosen response is the one that *means*
+    something positive: the positive adjective, or, when the frame is negated (a share
+    ``negation`` of pairs), the negative one ("not dull" beats "not brilliant"). So a model must
+    find the adjective among distractors at varying positions and read the word before it.
+    Held-out pairs use nouns never seen in training. Deterministic in ``seed``.
+    """
+    rng = random.Random(seed)
+
+    def make(n: int, nouns: tuple[str, ...]) -> list[dict]:
+        rows = []
+        for _ in range(n):
+            noun, intro, tail = rng.choice(nouns), rng.choice(_INTROS), rng.choice(_TAILS)
+            pos, neg = rng.choice(_POSITIVE), rng.choice(_NEGATIVE)
+            negated = rng.random() < negation
+            frame = rng.randrange(2)
+
+            def sentence(adj: str) -> str:
+                nt = "not " if negated else ""
+                core = f"the {noun} was {nt}{adj}" if frame == 0 else f"it was {nt}a {adj} {noun}"
+                text = f"{intro}{core}{tail}."
+                return text[0].upper() + text[1:]
+
+            good, bad = (neg, pos) if negated else (pos, neg)
+            rows.append({"prompt": f"Review the {noun}.", "chosen": " " + sentence(good),
+                         "rejected": " " + sentence(bad), "negated": negated})
+        return rows
+
+    return make(n_train, _TRAIN_NOUNS), make(n_eval, _EVAL_NOUNS)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _read_pairs(path: str, d: RMData) -> list[dict]:
+    from ankus.data.io import read_jsonl
+
+    rows = read_jsonl(path, required=(d.prompt_field, d.chosen_field, d.rejected_field),
+                      non_empty=(d.chosen_field, d.rejected_field))
+    return [{"prompt": r[d.prompt_field], "chosen": r[d.chosen_field], "rejected": r[d.rejected_field]} for r in rows]
+
+
+def load_pairs(d: RMData, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval) lists of {prompt, chosen, rejected}."""
+    if d.name == "synthetic":
+        train_rows, eval_rows = synthetic_preferences(**d.kwargs)
+    else:
+        if not (d.name.endswith(".jsonl") or Path(d.name).is_file()):
+            raise DataError(f"data.name '{d.name}': expected 'synthetic' or a JSONL file of "
+                            f"{{{d.prompt_field}, {d.chosen_field}, {d.rejected_field}}}")
+        train_rows, eval_rows = _read_pairs(d.name, d), []
+    if d.eval_name:
+        eval_rows = _read_pairs(d.eval_name, d)
+    elif not eval_rows:
+        train_rows, eval_rows = split_eval(train_rows, d.eval_fraction, seed)
+    if not train_rows:
+        raise DataError(f"data '{d.name}': no training pairs")
+    return train_rows, eval_rows
+
+
+def _pair_examples(tok, rows: list[dict], max_length: int) -> list[tuple[Example, Example]]:
+    return [(tokenize_response(tok, r["prompt"], r["chosen"], max_length),
+             tokenize_response(tok, r["prompt"], r["rejected"], max_length)) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# rewards of a batch of pairs
+
+
+def pair_rewards(trunk, head, pairs: list[tuple[Example, Example]], pad_id: int, mode: BatchingMode,
+                 pack_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected rewards of ``pairs`` from one forward: (P,), (P,)."""
+    flat = [ex for pair in pairs for ex in pair]  # c0, r0, c1, r1, ...
+    rewards = sequence_rewards(trunk, head, make_batch(flat, pad_id, mode, pack_length))  # (2P,)
+    return rewards[0::2], rewards[1::2]
+
+
+@torch.no_grad()
+def evaluate_pairs(trunk, head, pairs: list[tuple[Example, Example]], pad_id: int, mode: BatchingMode,
+                   pack_length: int, batch_size: int = 64) -> dict[str, float]:
+    """Held-out pairwise accuracy, loss and score statistics."""
+    was_training = trunk.training
+    trunk.eval()
+    chosen, rejected = [], []
+    for s in range(0, len(pairs), batch_size):
+        c, r = pair_rewards(trunk, head, pairs[s:s + batch_size], pad_id, mode, pack_length)
+        chosen.append(c)
+        rejected.append(r)
+    trunk.train(was_training)
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    loss, stats = bradley_terry_loss(c, r)
+    both = torch.cat([c, r])
+    return {"eval/accuracy": float(stats["reward/accuracy"]), "eval/loss": float(loss),
+            "eval/margin": float(stats["reward/margin"]), "eval/score_mean": float(both.mean()),
+            "eval/score_std": float(both.std()) if both.numel() > 1 else 1.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+
+
+def save_reward_model(trunk, head: ValueHead, tok, path: Path, meta: dict) -> Path:
+    """Trunk in HF format (LoRA merged), then the head and its reading instructions beside it."""
+    from safetensors.torch import save_file
+
+    save_hf_model(trunk, tok, path)
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(path / HEAD_FILE))
+    tmp = path / f".{META_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, path / META_FILE)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Fit a reward model; returns a summary (run_dir, held-out accuracy before and after)."""
+    from ankus.checkpoint import GracefulExit, NonFiniteGuard, latest_checkpoint, load_checkpoint, save_checkpoint
+
+    tc, d, m = cfg.trainer, cfg.data, cfg.method
+    random.seed(tc.seed)
+    torch.manual_seed(tc.seed)
+    run_dir = create_run_dir(cfg.run, "reward_model", cfg, exist_ok=resume)
+
+    trunk, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    train_rows, eval_rows = load_pairs(d, tc.seed)
+    train_pairs = _pair_examples(tok, train_rows, d.max_length)
+    eval_pairs = _pair_examples(tok, eval_rows, d.max_length)
+    mode: BatchingMode = d.batching
+    if mode == "pack" and not packing_is_exact(trunk):
+        print(f"[reward_model] {cfg.model.spec} does not isolate packed sequences; using length bucketing instead")
+        mode = "bucket"
+
+    hidden_size = trunk.config.get_text_config().hidden_size
+    head = ValueHead(hidden_size)  # float32 whatever the trunk's dtype (heads cast their input)
+    trunk = maybe_apply_lora(trunk, m)
+    trunk.train()
+    params = [p for p in trunk.parameters() if p.requires_grad] + list(head.parameters())
+    opt, sched = make_optimizer(params, tc, m.lr_schedule, m.min_lr_ratio)
+    modules = {"model": trunk, "value_head": head}
+    start = 0
+    if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+        start = load_checkpoint(ckpt, modules=modules, optimizer=opt, scheduler=sched)["step"]
+        truncate_metrics(run_dir / "metrics.jsonl", start)
+        print(f"[reward_model] resumed from {ckpt} at step {start}")
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir, step, modules=modules, optimizer=opt, scheduler=sched,
+                        extra={"algorithm": "reward_model"}, keep_last=tc.keep_last)
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_pairs(trunk, head, eval_pairs, pad_id, mode, d.pack_length, m.eval_batch_size)
+
+    before = evaluate() if eval_pairs and start == 0 else {}
+    lengths = [len(c) + len(r) for c, r in train_pairs]
+    per_epoch = math.ceil(len(train_pairs) / tc.batch_size)
+    epoch_batches: dict[int, list[list[int]]] = {}
+    guard = NonFiniteGuard(tc.max_bad_steps)
+    logger = MetricsLogger(run_dir / "metrics.jsonl")
+    if before:
+        logger.log(0, before)
+    stopped = False
+    bar = tqdm(range(start, tc.total_steps), desc="reward_model", disable=not cfg.run.progress, initial=start,
+               total=tc.total_steps)
+    with GracefulExit() as stop:
+        for step in bar:
+            epoch, b = divmod(step, per_epoch)  # the order is a function of (seed, epoch): resume is exact
+            if epoch not in epoch_batches:
+                epoch_batches = {epoch: step_batches(lengths, tc.batch_size, mode, tc.seed, epoch)}
+            indices = epoch_batches[epoch][b]
+
+            t0 = time.perf_counter()
+            n_micro = max(1, min(tc.grad_accum, len(indices)))
+            size = math.ceil(len(indices) / n_micro)
+            sums: dict[str, float] = {}
+            n_tokens = 0
+            for s in range(0, len(indices), size):
+                pairs = [train_pairs[i] for i in indices[s:s + size]]
+                chosen, rejected = pair_rewards(trunk, head, pairs, pad_id, mode, d.pack_length)
+                loss, stats = bradley_terry_loss(chosen, rejected, m.margin or None)
+                # the loss is a mean over pairs: weight each micro-batch by its share of the pairs
+                (loss * len(pairs) / len(indices)).backward()
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(pairs) / len(indices)
+                n_tokens += sum(len(c) + len(r) for c, r in pairs)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0
+                         else torch.tensor(0.0))
+            if guard.check(sums["loss/rm"], grad_norm):
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            lr = sched.get_last_lr()[0]
+            sched.step()
+            dt = time.perf_counter() - t0
+
+            done = step + 1
+            metrics = {**sums, "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch,
+                       "perf/tokens_per_s": n_tokens / max(dt, 1e-9), "skipped_steps": guard.skipped}
+            if m.eval_every and done % m.eval_every == 0 and done < tc.total_steps and eval_pairs:
+                metrics.update(evaluate())
+            if done % tc.log_every == 0 or done == tc.total_steps or "eval/accuracy" in metrics:
+                logger.log(done, metrics)
+            bar.set_postfix(loss=f"{sums['loss/rm']:.3f}", acc=f"{sums['reward/accuracy']:.2f}")
+            if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.total_steps:
+                checkpoint(done)
+            if stop.requested:
+                checkpoint(done)
+                stopped = True
+                print(f"[reward_model] stop requested: checkpoint saved at step {done}; continue with --resume")
+                break
+    trunk.eval()
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+                               "batching": mode, "stopped": stopped}
+    if before:
+        summary["eval/accuracy_before"] = before["eval/accuracy"]
+    if stopped:
+        logger.close()
+        return summary
+    after = evaluate() if eval_pairs else {}
+    if after:
+        logger.log(tc.total_steps, after)
+    logger.close()
+    summary.update(after)
+    plot_metrics(run_dir, ["loss/rm", "reward/accuracy", "eval/accuracy", "reward/margin"], title="Reward model")
+    checkpoint(tc.total_steps)
+    if cfg.run.save_model:
+        meta = {"format": FORMAT, "head": "ValueHead", "hidden_size": hidden_size,
+                "input": "tokens(prompt) + tokens(response, no special tokens) + [eos_token_id]",
+                "read_out": "head(final hidden state, output_hidden_states[-1], at the last token)",
+                "max_length": d.max_length, "score_mean": after.get("eval/score_mean", 0.0),
+                "score_std": after.get("eval/score_std", 1.0), "eval_accuracy": after.get("eval/accuracy"),
+                "trained_from": cfg.model.spec}
+        save_reward_model(trunk, head, tok, run_dir / "model", meta)
+    print("[reward_model] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in summary.items()))
+    return summary
