@@ -38,7 +38,8 @@ from ankus.rl.estimators import grpo_advantages, rloo_advantages, sequence_to_to
 from ankus.rl.gae import gae_advantages
 from ankus.rl.kl import AdaptiveKLController, FixedKLController, kl_k3, per_token_rewards
 from ankus.rl.stats import RunningMoments, masked_mean, masked_whiten
-from ankus.runs import MetricsLogger, create_run_dir, plot_metrics, save_hf_model
+from ankus.checkpoint import GracefulExit, NonFiniteGuard, latest_checkpoint, load_checkpoint, save_checkpoint
+from ankus.runs import MetricsLogger, create_run_dir, plot_metrics, save_hf_model, truncate_metrics
 
 
 @dataclass
@@ -213,7 +214,7 @@ def _warm_start(model, tok, cfg: Config, texts: list[str]) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 @torch.no_grad()
@@ -232,6 +233,11 @@ def call_reward(reward_fn: Callable, prompts: list[str], outputs: list[str], bat
     except Exception as e:
         raise RewardError(f"the reward function raised on batch {batch}: {type(e).__name__}: {e}") from e
     return check_rewards(scores, len(prompts), batch_index=batch)
+
+
+def _tuple_state(state):
+    """JSON turned random.Random's state tuples into lists; turn them back."""
+    return tuple(_tuple_state(x) if isinstance(x, list) else x for x in state)
 
 
 def _scalar(score) -> float:
@@ -272,90 +278,117 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
     running = RunningMoments()
     ref_std = None
 
-    before = evaluate(policy, tok, eval_prompts, cfg, reward_fn, seed=tc.seed + 12345)
-    logger = MetricsLogger(run_dir / "metrics.jsonl")
     prompt_rng = random.Random(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
-    n_trainable = sum(p.numel() for p in params)
-    bar = tqdm(range(tc.total_steps), desc="ppo", disable=not cfg.run.progress)
-    for it in bar:
-        # ---- 1. rollouts ----------------------------------------------------------------
-        t0 = time.perf_counter()
-        n_prompts = m.num_rollouts // m.samples_per_prompt
-        prompts = [prompt_rng.choice(train_prompts) for _ in range(n_prompts)]
-        prompts = [p for p in prompts for _ in range(m.samples_per_prompt)]  # k consecutive copies
-        templated = [cfg.data.template.format(prompt=p) for p in prompts]
-        policy.eval()
-        with torch.no_grad():
-            out = generate(policy, tok, templated, cfg.generation, generator=gen, batch_size=m.chunk_size)
-        t_gen = time.perf_counter() - t0
-        try:
-            raw = call_reward(reward_fn, templated, out.texts, batch=it)
-        except RewardError as e:
-            saved = save_hf_model(policy, tok, run_dir / f"checkpoint-{it}")
-            raise RewardError(f"{e}. The model so far was saved to {saved}") from e.__cause__
-        mask = out.response_mask.float()  # (B, N)
-        if not bool((mask.sum(1) > 0).all()):
-            mask[:, 0] = 1.0  # an empty response still carries its score on one token
-        dense = isinstance(raw[0], (list, tuple))
-        scores = _scores_tensor(raw, mask, dense).clamp(-m.cliprange_reward, m.cliprange_reward)
-        seq_scores = scores if scores.dim() == 1 else scores.sum(1)
-        if m.scale_reward == "running":
-            running.update(seq_scores)
-            scores = scores / max(running.std, 1e-8)
-        elif m.scale_reward == "ref":
-            ref_std = ref_std or max(float(seq_scores.std()), 1e-8)
-            scores = scores / ref_std
+    modules = {"policy": policy, **({"value_head": value_head} if value_head is not None else {})}
+    start, ckpt = 0, latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:  # the reference was built from the initial model above, as in the first run
+        state = load_checkpoint(ckpt, modules=modules, optimizer=opt, generators={"rollouts": gen})
+        start, before, ref_std = state["step"], state["before"], state["ref_std"]
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        running.load_state_dict(state["running"])
+        prompt_rng.setstate(_tuple_state(state["prompt_rng"]))
+        truncate_metrics(run_dir / "metrics.jsonl", start)
+        print(f"resuming {run_dir} from iteration {start} ({ckpt.name})")
+    else:
+        before = evaluate(policy, tok, eval_prompts, cfg, reward_fn, seed=tc.seed + 12345)
 
-        input_ids = torch.cat([out.prompt_ids, out.response_ids], 1)  # (B, P+N)
-        attn = torch.cat([out.prompt_mask, mask.long()], 1)
-        n_resp = out.response_ids.shape[1]
-        with torch.no_grad():
-            old_logps, old_values, ref_logps = _score_rollouts(policy, value_head, reference, input_ids, attn,
-                                                               out.response_ids, n_resp, m.chunk_size)
-        # ---- 2. advantages ---------------------------------------------------------------
-        beta = kl_ctl.value
-        if m.estimator == "gae":
-            rewards, kl = per_token_rewards(scores, old_logps, ref_logps, mask, beta)
-            advantages, returns = gae_advantages(rewards, old_values, mask, m.gamma, m.lam)
-        else:
-            kl = (old_logps - ref_logps) * mask
-            seq = seq_scores if scores.dim() == 1 else scores.sum(1)
-            if m.estimator == "rloo":  # KL in the sequence reward (Ahmadian et al. 2024)
-                seq_adv = rloo_advantages(seq - beta * kl.sum(1), m.samples_per_prompt)
-            else:  # GRPO: KL goes into the loss instead
-                seq_adv = grpo_advantages(seq, m.samples_per_prompt)
-            advantages, returns = sequence_to_token_advantages(seq_adv, mask), None
-        if m.whiten_advantages and m.estimator == "gae":
-            advantages = masked_whiten(advantages, mask)
-        mean_kl = float(kl.sum(1).mean())
-        # ---- 3. PPO epochs ---------------------------------------------------------------
-        t1 = time.perf_counter()
-        policy.train()
-        stats: dict[str, list[float]] = {}
-        B = input_ids.shape[0]
-        for _ in range(m.ppo_epochs):
-            order = torch.randperm(B, generator=gen)
-            for start in range(0, B, tc.batch_size):
-                idx = order[start:start + tc.batch_size]
-                step_stats = _ppo_step(policy, value_head, reference, opt, params, cfg, beta, input_ids[idx], attn[idx],
-                                       out.response_ids[idx], mask[idx], old_logps[idx],
-                                       None if old_values is None else old_values[idx], advantages[idx],
-                                       None if returns is None else returns[idx], n_resp)
-                for k, v in step_stats.items():
-                    stats.setdefault(k, []).append(v)
-        kl_ctl.update(mean_kl, n_steps=B)
-        t_train = time.perf_counter() - t1
-        n_tokens = float(mask.sum())
-        metrics = {
-            "reward/mean": float(seq_scores.mean()), "reward/std": float(seq_scores.std()) if B > 1 else 0.0,
-            "kl/mean": mean_kl, "kl/beta": beta, **{k: sum(v) / len(v) for k, v in stats.items()},
-            "response/length": n_tokens / B, "time/generate_s": t_gen, "time/train_s": t_train,
-            "perf/tokens_per_s": n_tokens / max(t_gen, 1e-9), "perf/trainable_params": n_trainable,
-        }
-        if (it + 1) % tc.log_every == 0 or it == tc.total_steps - 1:
-            logger.log(it + 1, metrics)
-        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{mean_kl:.3f}")
+    def checkpoint(step: int) -> Path:
+        extra = {"before": before, "ref_std": ref_std, "kl_ctl": kl_ctl.state_dict(), "running": running.state_dict(),
+                 "prompt_rng": prompt_rng.getstate()}
+        return save_checkpoint(run_dir, step, modules=modules, optimizer=opt, generators={"rollouts": gen},
+                               extra=extra, keep_last=tc.keep_last)
+
+    logger = MetricsLogger(run_dir / "metrics.jsonl")
+    guard = NonFiniteGuard(tc.max_bad_steps)
+    n_trainable = sum(p.numel() for p in params)
+    bar = tqdm(range(start, tc.total_steps), desc="ppo", disable=not cfg.run.progress, initial=start,
+               total=tc.total_steps)
+    with GracefulExit() as stop:  # SIGTERM/SIGINT: finish the iteration, checkpoint, stop
+        for it in bar:
+            # ---- 1. rollouts ----------------------------------------------------------------
+            t0 = time.perf_counter()
+            n_prompts = m.num_rollouts // m.samples_per_prompt
+            prompts = [prompt_rng.choice(train_prompts) for _ in range(n_prompts)]
+            prompts = [p for p in prompts for _ in range(m.samples_per_prompt)]  # k consecutive copies
+            templated = [cfg.data.template.format(prompt=p) for p in prompts]
+            policy.eval()
+            with torch.no_grad():
+                out = generate(policy, tok, templated, cfg.generation, generator=gen, batch_size=m.chunk_size)
+            t_gen = time.perf_counter() - t0
+            try:
+                raw = call_reward(reward_fn, templated, out.texts, batch=it)
+            except RewardError as e:
+                saved = save_hf_model(policy, tok, run_dir / f"checkpoint-{it}")
+                raise RewardError(f"{e}. The model so far was saved to {saved}") from e.__cause__
+            mask = out.response_mask.float()  # (B, N)
+            if not bool((mask.sum(1) > 0).all()):
+                mask[:, 0] = 1.0  # an empty response still carries its score on one token
+            dense = isinstance(raw[0], (list, tuple))
+            scores = _scores_tensor(raw, mask, dense).clamp(-m.cliprange_reward, m.cliprange_reward)
+            seq_scores = scores if scores.dim() == 1 else scores.sum(1)
+            if m.scale_reward == "running":
+                running.update(seq_scores)
+                scores = scores / max(running.std, 1e-8)
+            elif m.scale_reward == "ref":
+                ref_std = ref_std or max(float(seq_scores.std()), 1e-8)
+                scores = scores / ref_std
+
+            input_ids = torch.cat([out.prompt_ids, out.response_ids], 1)  # (B, P+N)
+            attn = torch.cat([out.prompt_mask, mask.long()], 1)
+            n_resp = out.response_ids.shape[1]
+            with torch.no_grad():
+                old_logps, old_values, ref_logps = _score_rollouts(policy, value_head, reference, input_ids, attn,
+                                                                   out.response_ids, n_resp, m.chunk_size)
+            # ---- 2. advantages ---------------------------------------------------------------
+            beta = kl_ctl.value
+            if m.estimator == "gae":
+                rewards, kl = per_token_rewards(scores, old_logps, ref_logps, mask, beta)
+                advantages, returns = gae_advantages(rewards, old_values, mask, m.gamma, m.lam)
+            else:
+                kl = (old_logps - ref_logps) * mask
+                seq = seq_scores if scores.dim() == 1 else scores.sum(1)
+                if m.estimator == "rloo":  # KL in the sequence reward (Ahmadian et al. 2024)
+                    seq_adv = rloo_advantages(seq - beta * kl.sum(1), m.samples_per_prompt)
+                else:  # GRPO: KL goes into the loss instead
+                    seq_adv = grpo_advantages(seq, m.samples_per_prompt)
+                advantages, returns = sequence_to_token_advantages(seq_adv, mask), None
+            if m.whiten_advantages and m.estimator == "gae":
+                advantages = masked_whiten(advantages, mask)
+            mean_kl = float(kl.sum(1).mean())
+            # ---- 3. PPO epochs ---------------------------------------------------------------
+            t1 = time.perf_counter()
+            policy.train()
+            stats: dict[str, list[float]] = {}
+            B = input_ids.shape[0]
+            for _ in range(m.ppo_epochs):
+                order = torch.randperm(B, generator=gen)
+                for start in range(0, B, tc.batch_size):
+                    idx = order[start:start + tc.batch_size]
+                    step_stats = _ppo_step(policy, value_head, opt, params, cfg, beta, guard, input_ids[idx], attn[idx],
+                                           out.response_ids[idx], mask[idx], old_logps[idx], ref_logps[idx],
+                                           None if old_values is None else old_values[idx], advantages[idx],
+                                           None if returns is None else returns[idx], n_resp)
+                    for k, v in step_stats.items():
+                        stats.setdefault(k, []).append(v)
+            kl_ctl.update(mean_kl, n_steps=B)
+            t_train = time.perf_counter() - t1
+            n_tokens = float(mask.sum())
+            metrics = {
+                "reward/mean": float(seq_scores.mean()), "reward/std": float(seq_scores.std()) if B > 1 else 0.0,
+                "kl/mean": mean_kl, "kl/beta": beta, **{k: sum(v) / len(v) for k, v in stats.items()},
+                "response/length": n_tokens / B, "time/generate_s": t_gen, "time/train_s": t_train,
+                "perf/tokens_per_s": n_tokens / max(t_gen, 1e-9), "perf/trainable_params": n_trainable,
+            }
+            if (it + 1) % tc.log_every == 0 or it == tc.total_steps - 1:
+                logger.log(it + 1, metrics)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{mean_kl:.3f}")
+            if stop.requested or (tc.checkpoint_every and (it + 1) % tc.checkpoint_every == 0):
+                path = checkpoint(it + 1)
+                if stop.requested:
+                    logger.close()
+                    print(f"stopped by signal after iteration {it + 1}; resume with --resume (checkpoint {path})")
+                    return {"run_dir": str(run_dir), "stopped_at": it + 1}
     logger.close()
 
     after = evaluate(policy, tok, eval_prompts, cfg, reward_fn, seed=tc.seed + 12345)
@@ -397,8 +430,8 @@ def _score_rollouts(policy, value_head, reference, input_ids, attn, response_ids
     return torch.cat(logps), (torch.cat(values) if value_head is not None else None), torch.cat(ref_logps)
 
 
-def _ppo_step(policy, value_head, reference, opt, params, cfg: Config, beta, ids, am, resp, mask, old_logps, old_values,
-              advantages, returns, n_resp) -> dict[str, float]:
+def _ppo_step(policy, value_head, opt, params, cfg: Config, beta, guard: NonFiniteGuard, ids, am, resp, mask,
+              old_logps, ref_logps, old_values, advantages, returns, n_resp) -> dict[str, float]:
     m, tc = cfg.method, cfg.trainer
     logits, values, _ = policy_forward(policy, value_head, ids, am, n_resp)
     logps = logprobs_from_logits(logits, resp)  # (b, N)
@@ -410,23 +443,21 @@ def _ppo_step(policy, value_head, reference, opt, params, cfg: Config, beta, ids
         loss = loss + m.vf_coef * vf_loss
         out["loss/vf"] = float(vf_loss.detach())
         out.update({f"value/{k}": float(v) for k, v in vf_stats.items()})
-        out["value/error"] = float(masked_mean((values.detach() - returns) ** 2, mask))
     if m.estimator == "grpo" and beta > 0:
-        with torch.no_grad():
-            ref = reference.logps(ids, am, None, n_resp)
-        kl_loss = masked_mean(kl_k3(logps, ref), mask)
+        kl_loss = masked_mean(kl_k3(logps, ref_logps), mask)  # reference log-probs from the rollout phase
         loss = loss + beta * kl_loss
         out["loss/kl"] = float(kl_loss.detach())
     with torch.no_grad():
         out["policy/entropy"] = float(entropy_from_logits(logits.detach(), mask))
-    if not torch.isfinite(loss):
-        opt.zero_grad(set_to_none=True)
-        out["skipped"] = 1.0
-        return out
-    loss.backward()
-    if tc.max_grad_norm > 0:
-        out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
-    opt.step()
+    skipped = 1.0
+    if guard.check(loss.detach()):
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
+        out["grad_norm"] = float(grad_norm)
+        if guard.check(grad_norm):  # a NaN/inf gradient skips the step too
+            opt.step()
+            skipped = 0.0
+    out["skipped_steps"] = skipped
     opt.zero_grad(set_to_none=True)
     out["loss/total"] = float(loss.detach())
     return out
