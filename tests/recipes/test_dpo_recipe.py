@@ -38,3 +38,12 @@ def test_dpo_tiny_recipe_runs(tmp_path):
     saved = dict(model.named_parameters())
     name = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(saved[name], dict(init.named_parameters())[name])
+
+
+def test_dpo_smollm2_recipe_parses():
+    from ankus.cli import resolve_recipe, trainer_module
+    from ankus.config import build, read_yaml
+
+    data = read_yaml(resolve_recipe("dpo_smollm2"))
+    cfg = build(trainer_module(data["algorithm"]).Config, data)
+    assert cfg.model.spec == "smollm2-135m-instruct" and cfg.method.beta == 0.1 and cfg.trainer.batch_size == 8

@@ -3,7 +3,8 @@
 Data: JSONL rows ``{"prompt": ..., "chosen": ..., "rejected": ...}`` (an optional ``"system"``
 string too). With a chat model (the tokenizer has a chat template and ``data.chat_template`` is
 not false) the prompt becomes a user turn and each completion the assistant turn; otherwise the
-texts are concatenated and EOS ends each completion. The loss counts completion tokens only.
+texts are concatenated as they are (end the prompt with a space or newline if the completion
+should start after one) and EOS ends each completion. The loss counts completion tokens only.
 
 Where a DPO step usually spends its time, and what this trainer does instead:
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -52,7 +54,7 @@ from ankus.runs import MetricsLogger, create_run_dir, plot_metrics, save_hf_mode
 
 __all__ = [
     "Config", "DPOMethod", "PreferenceData", "Pair", "PackedRows", "train", "load_pairs", "tokenize_pairs",
-    "pack_rows", "packed_logps", "padded_logps", "policy_logps", "reference_logps", "batch_order",
+    "pack_rows", "prefix_shared_mask", "packed_logps", "padded_logps", "policy_logps", "reference_logps", "batch_order",
 ]
 
 _ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -175,15 +177,15 @@ def tokenize_pairs(rows: Sequence[dict], tok, chat_template: bool | None = None,
             full = [tok(row["prompt"] + row[k] + tok.eos_token)["input_ids"] for k in ("chosen", "rejected")]
         n = min(_common_prefix(prompt, f) for f in full)
         if n == 0:
-            raise DataError(f"{where}, pair {i}: the prompt shares no token with prompt + completion, so the "
+            raise DataError(f"{where}, row {i + 1}: the prompt shares no token with prompt + completion, so the "
                             "first completion token has nothing to condition on")
         if n >= max_length:
-            raise DataError(f"{where}, pair {i}: the prompt has {n} tokens, leaving no room for a completion in "
+            raise DataError(f"{where}, row {i + 1}: the prompt has {n} tokens, leaving no room for a completion in "
                             f"data.max_length={max_length}; shorten it or raise data.max_length")
         chosen, rejected = (f[n:max_length] for f in full)
         for name, ids in (("chosen", chosen), ("rejected", rejected)):
             if not ids:
-                raise DataError(f"{where}, pair {i}: field '{name}' adds no token after the prompt")
+                raise DataError(f"{where}, row {i + 1}: field '{name}' adds no token after the prompt")
         pairs.append(Pair(prompt[:n], chosen, rejected))
     return pairs
 
@@ -392,7 +394,7 @@ def reference_logps(model: nn.Module, pairs: Sequence[Pair], pad_id: int, batch_
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
     chosen = torch.zeros(len(pairs))
     rejected = torch.zeros(len(pairs))
-    ctx = model.disable_adapter() if lora else _null()
+    ctx = model.disable_adapter() if lora else nullcontext()
     with ctx:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
@@ -400,14 +402,6 @@ def reference_logps(model: nn.Module, pairs: Sequence[Pair], pad_id: int, batch_
             chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
     model.train(was_training)
     return chosen, rejected
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,7 +487,7 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
         if ref_model is None:
             dev = _model_device(model)
             return ref_chosen[mb].to(dev), ref_rejected[mb].to(dev)
-        with torch.no_grad(), (ref_model.disable_adapter() if m.lora else _null()):
+        with torch.no_grad(), (ref_model.disable_adapter() if m.lora else nullcontext()):
             return policy_logps(ref_model, batch, pad_id, packing, average, m.row_tokens)
 
     logger = MetricsLogger(run_dir / "metrics.jsonl")
