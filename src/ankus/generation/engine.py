@@ -206,7 +206,9 @@ def sample_inverse_cdf(probs: Tensor, generator: torch.Generator | None = None) 
     float64 so that rounding cannot move the bins of unlikely tokens; a zero-probability token
     adds an empty bin and is never drawn."""
     cdf = probs.double().cumsum(-1)  # (B, V)
-    u = torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64, device=probs.device)
+    # drawn where the generator lives (a CPU generator can drive CUDA sampling), then moved
+    u = torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64,
+                   device=generator.device if generator is not None else probs.device).to(probs.device)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1)
     return idx.clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
@@ -313,14 +315,69 @@ class _Branch:
     length: int
     positions: Tensor  # (B, 1) long
     static: bool  # a StaticCache: the model sees the full-width mask every step
+    padded: bool  # some row is left-padded; without padding the mask is plain causal and is not passed
+
+
+def _growing_layer_class():
+    """A ``DynamicLayer`` (attention sees exactly the tokens so far, rows can be dropped) that
+    writes into a buffer allocated once for the whole generation instead of concatenating: the
+    ``torch.cat`` of every layer's keys and values each step was ~10% of a CPU decode step."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def __init__(self, max_len: int):
+            super().__init__()
+            self.max_len = max_len
+            self.length = 0
+
+        def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+            B, H, _, _ = key_states.shape
+            self.device = key_states.device
+            self.key_buf = key_states.new_zeros((B, H, self.max_len, key_states.shape[-1]))
+            self.value_buf = value_states.new_zeros((B, H, self.max_len, value_states.shape[-1]))
+            self.is_initialized = True
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self.max_len:
+                raise RuntimeError(f"KV buffer of {self.max_len} positions overflowed")
+            self.key_buf[:, :, self.length:end] = key_states
+            self.value_buf[:, :, self.length:end] = value_states
+            self.length = end
+            self.keys, self.values = self.key_buf[:, :, :end], self.value_buf[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: Tensor) -> None:
+            if self.is_initialized:
+                self.key_buf = self.key_buf.index_select(0, indices)
+                self.value_buf = self.value_buf.index_select(0, indices)
+                self.keys, self.values = self.key_buf[:, :, :self.length], self.value_buf[:, :, :self.length]
+
+        def reset(self) -> None:
+            self.length = 0
+            self.is_initialized = False
+            self.keys = self.values = None
+
+    return PreallocatedLayer
 
 
 def _new_cache(model, static: bool, max_len: int):
+    """A ``StaticCache`` (fixed shapes, for CUDA graphs), or a ``DynamicCache`` whose full-attention
+    layers are preallocated; sliding-window and other special layers keep transformers' classes."""
     from transformers import DynamicCache, StaticCache
+    from transformers.cache_utils import DynamicLayer
 
     if static:
         return StaticCache(config=model.config, max_cache_len=max_len)
-    return DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)
+    layer_cls = _growing_layer_class()
+    cache.layers = [layer_cls(max_len) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def _prefill(model, ids: Tensor, mask: Tensor, max_new: int, static: bool) -> tuple[_Branch, Tensor]:
@@ -331,9 +388,12 @@ def _prefill(model, ids: Tensor, mask: Tensor, max_new: int, static: bool) -> tu
     # Left padding: a row's first real token is position 0 (as transformers' generate does)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
     cache = _new_cache(model, static, P + max_new)
-    out = model(input_ids=ids, attention_mask=full if static else mask, position_ids=positions, cache=cache,
-                use_cache=True, logits_to_keep=1)
-    branch = _Branch(cache=cache, mask=full, length=P, positions=positions[:, -1:] + 1, static=static)
+    # Without padding, no mask: attention is plain causal (sdpa's is_causal, or no mask at all for
+    # one query), which skips building a (B, 1, q, kv) mask per step (transformers does the same)
+    padded = bool((mask == 0).any())
+    out = model(input_ids=ids, attention_mask=full if static else (mask if padded else None), position_ids=positions,
+                cache=cache, use_cache=True, logits_to_keep=1)
+    branch = _Branch(cache=cache, mask=full, length=P, positions=positions[:, -1:] + 1, static=static, padded=padded)
     return branch, out.logits[:, -1]
 
 
@@ -341,7 +401,7 @@ def _decode(model, branch: _Branch, tokens: Tensor) -> Tensor:
     """Feed one token per row (B,); returns the (B, V) logits for the next."""
     branch.mask[:, branch.length] = 1
     branch.length += 1
-    mask = branch.mask if branch.static else branch.mask[:, :branch.length]
+    mask = branch.mask if branch.static else (branch.mask[:, :branch.length] if branch.padded else None)
     out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=branch.positions,
                 cache=branch.cache, use_cache=True, logits_to_keep=1)
     branch.positions = branch.positions + 1
@@ -349,14 +409,8 @@ def _decode(model, branch: _Branch, tokens: Tensor) -> Tensor:
 
 
 def _keep_rows(branch: _Branch, keep: Tensor) -> None:
-    """Drop finished rows from a branch: index every cache layer's keys / values and the mask."""
-    for layer in branch.cache.layers:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == branch.mask.shape[0]:
-                setattr(layer, name, t.index_select(0, keep))
-        if hasattr(layer, "batch_size"):
-            layer.batch_size = int(keep.numel())
+    """Drop finished rows from a (dynamic-cache) branch: its cache layers, mask and positions."""
+    branch.cache.batch_select_indices(keep)
     branch.mask = branch.mask.index_select(0, keep)
     branch.positions = branch.positions.index_select(0, keep)
 
@@ -578,9 +632,9 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="generate", unit="batch")
-    use_packed = config.packed_linears and packed_linears_available(model) or config.bf16
     if config.bf16 and not packed_linears_available(model):
-        raise ValueError("bf16=True needs a CPU model with float weights and oneDNN")
+        raise ValueError("bf16=True is a CPU option (oneDNN bf16 linears); on GPU load the model in bf16 instead")
+    use_packed = config.bf16 or (config.packed_linears and packed_linears_available(model))
     pack = (packed_linears(model, torch.bfloat16 if config.bf16 else None, rows_hint=min(size, 64))
             if use_packed else contextlib.nullcontext())
     was_training = model.training
