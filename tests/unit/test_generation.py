@@ -140,6 +140,14 @@ def test_sampling_distribution_matches_hand_computed():
     assert chi2 < 13.8  # chi-square, 2 degrees of freedom, p = 0.001
 
 
+def test_inverse_cdf_never_draws_zero_probability():
+    g = torch.Generator().manual_seed(0)
+    assert engine.sample_inverse_cdf(torch.tensor([[0.0, 1.0, 0.0]] * 50), g).tolist() == [1] * 50
+    draws = engine.sample_inverse_cdf(torch.tensor([[0.25, 0.0, 0.75, 0.0]]).expand(4000, 4), g)
+    counts = torch.bincount(draws, minlength=4).tolist()
+    assert counts[1] == counts[3] == 0 and abs(counts[0] - 1000) < 4 * math.sqrt(4000 * 0.25 * 0.75)
+
+
 def test_first_token_distribution_of_a_model(tiny):
     """Through the whole engine: first-token frequencies vs the model's own filtered softmax."""
     model, tok = tiny["tiny-gpt2"]

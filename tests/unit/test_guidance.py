@@ -96,20 +96,49 @@ def test_guided_scores_equal_two_full_forwards(llama, monkeypatch, negatives):
         assert out.logprobs[i].tolist() == pytest.approx(raw.squeeze(-1).tolist(), abs=1e-4)
 
 
+def hf_cfg_greedy(model, tok, gamma, negatives, new_tokens):
+    ids, mask = left_pad(PROMPTS, tok.pad_token_id)
+    kwargs = {} if negatives is None else {"negative_prompt_ids": torch.tensor(negatives)}
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                          guidance_scale=gamma, pad_token_id=tok.pad_token_id, **kwargs)[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
 @pytest.mark.parametrize("negatives", [None, NEGATIVES])
-def test_greedy_cfg_matches_transformers(llama, negatives):
-    """transformers 5.24 still has CFG in generate (guidance_scale, negative_prompt_ids)."""
+def test_greedy_cfg_matches_transformers(llama, negatives, mode, monkeypatch):
+    """transformers 5.24 still has CFG in generate (guidance_scale, negative_prompt_ids). 'static'
+    is the GPU path's static cache and fixed-shape step, run eagerly on CPU."""
     model, tok = llama
+    if mode == "static":
+        monkeypatch.setattr(engine, "_decode_mode", lambda model, config: "static")
     gamma = 3.0
     out = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=10, do_sample=False, guidance_scale=gamma),
                    negative_prompts=negatives)
-    ids, mask = left_pad(PROMPTS, tok.pad_token_id)
-    kwargs = {} if negatives is None else {"negative_prompt_ids": torch.tensor(negatives)}
-    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                         guidance_scale=gamma, pad_token_id=tok.pad_token_id, **kwargs)[:, ids.shape[1]:]
+    ref = hf_cfg_greedy(model, tok, gamma, negatives, 10)
     plain = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=10, do_sample=False))
     assert out.response_ids[:, :ref.shape[1]].tolist() == ref.tolist()
     assert not torch.equal(out.response_ids, plain.response_ids)  # guidance changed something
+
+
+def test_greedy_cfg_with_rows_ending_early(llama):
+    """A row hits EOS at step 3: it is dropped from both branches' caches; the others go on as
+    in transformers (which keeps computing finished rows)."""
+    model, tok = llama
+    gamma = 3.0
+    base = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=10, do_sample=False, guidance_scale=gamma))
+    eos_tok = base.response_ids[1, 2].item()
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, eos_tok]
+    try:
+        out = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=10, do_sample=False, guidance_scale=gamma))
+        ref = hf_cfg_greedy(model, tok, gamma, None, 10)
+    finally:
+        model.generation_config.eos_token_id = old
+    ends = [r.index(eos_tok) + 1 if eos_tok in r else 10 for r in base.response_ids.tolist()]
+    assert ends[1] <= 3 and max(ends) == 10
+    for i in range(3):
+        assert out.response_mask[i].tolist() == [1] * ends[i] + [0] * (10 - ends[i])
+        assert out.response_ids[i, :ends[i]].tolist() == ref[i, :ends[i]].tolist() == base.response_ids[i, :ends[i]].tolist()
 
 
 def test_config_negative_prompt_is_encoded_like_prompts(llama, monkeypatch):

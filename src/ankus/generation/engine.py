@@ -11,13 +11,24 @@ KV cache, asking for the logits of the last position only. Around it:
 * ``logprobs`` of each sampled token under the model's raw distribution (T = 1, no filtering, no
   guidance): what PPO's old-policy log-probs need.
 
-Speed (CPU). A SmolLM2-135M decode step at batch 16 is ~75% matrix multiplies. MKL's fp32 GEMM
-with 16 rows reads each weight from DRAM at a few GB/s; oneDNN with weights reordered once into
-its blocked layout runs the same fp32 products ~1.6x faster (lm_head ~2x). So, by default, on CPU
-every ``nn.Linear`` (and GPT-2's ``Conv1D``) runs through oneDNN with packed weights for the
-duration of a call; packed weights are cached per parameter and re-packed when the parameter
-changes (its version counter moves). Results differ from MKL's only by fp32 summation order.
-``bf16=True`` packs bf16 weights instead (the CPU's AVX512-BF16 path): faster, different numbers.
+Speed (CPU). Profiled at batch 16, a SmolLM2-135M decode step in transformers' generate is ~75%
+linear layers (MKL fp32 GEMMs with 16 rows), 5-9% ``torch.cat`` growing the KV cache, 8-15%
+``torch.multinomial`` (an exponential variate for each of the 49k vocabulary entries: 16 ms per
+step on one core) and ~4% attention. Here:
+
+* every ``nn.Linear`` (and GPT-2's ``Conv1D``) runs through oneDNN with its weight reordered once
+  into oneDNN's blocked layout (:func:`packed_linears`): the same fp32 products ~1.3-1.6x faster
+  than MKL on this AMD CPU (lm_head ~2x), close to one core's fp32 peak. Packed weights are cached
+  per parameter and re-made when the parameter changes (its version counter moves, as under an
+  optimizer step). Results differ from MKL's by fp32 summation order only;
+* full-attention KV layers write into buffers allocated once per call (no per-step concatenation);
+* sampling draws one uniform per row against a float64 CDF (1 ms per step instead of 16);
+* no attention mask is passed when no row is padded (plain causal attention).
+
+With all the fp32 matrix products near the core's peak, what is left to gain needs lower precision:
+``bf16=True`` packs bf16 weights (AVX512-BF16), opt-in because it changes the numbers (log-probs
+move by up to ~0.1 on SmolLM2, enough to flip near-ties under greedy decoding). ``torch.compile``
+of the decode step was measured and dropped: 85-150 s to compile on 2 cores, no faster per step.
 
 Speed (CUDA). The decode step runs on a preallocated ``StaticCache`` with fixed-shape inputs and
 is captured once per call as a CUDA graph, then replayed each step (see :func:`_static_step`).
