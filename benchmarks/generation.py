@@ -5,9 +5,10 @@ same sampling distribution (T=1, no top-k / top-p, EOS ignored so both make ever
     python benchmarks/generation.py --bf16               # also ankus with bf16 packed linears (opt-in)
     python benchmarks/generation.py --device cuda        # random-init 135M / 360M / 1B shapes, bf16, batch 64
 
-Prints the median new tokens / second over the repeats (after a warm-up) for each engine and
-the ratio ankus / transformers. Runs alternate between the two engines so that load from other
-processes hits both alike; on a shared machine quote the ratio, not the absolute numbers.
+Prints, for each engine, the median over the repeats (after a warm-up) of new tokens per
+wall-clock second and per CPU-second, each with its ratio to transformers. Runs alternate
+between the engines so that load from other processes hits all alike; on a shared machine quote
+the ratios, not the absolute numbers, and check `uptime` first.
 """
 
 from __future__ import annotations
@@ -57,27 +58,33 @@ def ankus_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int, 
     return int(out.response_mask.sum())
 
 
-def timed(fn, sync) -> float:
-    """Tokens per second of one call."""
+def timed(fn, sync) -> tuple[float, float]:
+    """New tokens per wall-clock second and per CPU-second of this process (all its threads) for
+    one call. On a machine shared with other jobs the wall clock swings with their load; CPU time
+    much less so (with --threads 1 it is the cleanest comparison there)."""
     sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = fn()
     sync()
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
 def compare(name: str, engines: dict, repeats: int, sync) -> None:
     for fn in engines.values():  # warm-up (one-time costs: packing weights, CUDA context, allocator)
         fn()
-    rates = {k: [] for k in engines}
+    wall = {k: [] for k in engines}
+    cpu = {k: [] for k in engines}
     for _ in range(repeats):
-        for k, fn in engines.items():
-            rates[k].append(timed(fn, sync))
-    base = statistics.median(rates["transformers"])
-    for k, r in rates.items():
-        med = statistics.median(r)
-        spread = f"[{min(r):.0f}-{max(r):.0f}]"
-        print(f"{name:<28} {k:<22} {med:9.1f} tok/s {spread:>14}   x{med / base:.2f}", flush=True)
+        for k, fn in engines.items():  # alternate engines so that outside load hits all alike
+            w, c = timed(fn, sync)
+            wall[k].append(w)
+            cpu[k].append(c)
+    base_w, base_c = statistics.median(wall["transformers"]), statistics.median(cpu["transformers"])
+    for k in engines:
+        w, c = statistics.median(wall[k]), statistics.median(cpu[k])
+        spread = f"[{min(wall[k]):.0f}-{max(wall[k]):.0f}]"
+        print(f"{name:<22} {k:<20} {w:8.1f} tok/s {spread:>12}  x{w / base_w:.2f}   |  {c:7.1f} tok/CPU-s  x{c / base_c:.2f}",
+              flush=True)
 
 
 def main() -> None:

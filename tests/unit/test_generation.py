@@ -215,6 +215,8 @@ def test_chunks_equal_one_batch(tiny):
     assert chunked.response_ids.tolist() == whole.response_ids.tolist()
     assert chunked.prompt_mask.tolist() == whole.prompt_mask.tolist()
     assert len(chunked.texts) == 5 and chunked.texts == whole.texts
+    singles = generate(model, tok, PROMPTS[:2], cfg, batch_size=1)  # batch-1 decoding: one-row linears
+    assert singles.response_ids.tolist() == whole.response_ids[:2].tolist()
 
 
 def test_encode_prompts(tiny):

@@ -261,12 +261,16 @@ def _packed_weight(weight: Tensor, transpose: bool, dtype: torch.dtype, rows_hin
     return packed
 
 
-def _packed_forward(packed: Tensor, bias: Tensor | None, out_features: int, x: Tensor) -> Tensor:
+def _packed_forward(module: nn.Module, packed: Tensor, out_features: int, x: Tensor) -> Tensor:
     compute_dtype = packed.dtype
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
+    if x2.shape[0] == 1 and compute_dtype == module.weight.dtype:
+        # one row (batch-1 decoding): MKL's matrix-vector path is ~4% faster than oneDNN's here
+        return type(module).forward(module, x)
     if x2.dtype != compute_dtype:
         x2 = x2.to(compute_dtype)
+    bias = module.bias
     b = None if bias is None else bias.detach().to(compute_dtype)
     y = torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "")
     if y.dtype != x.dtype:
@@ -303,7 +307,7 @@ def packed_linears(model, dtype: torch.dtype | None = None, rows_hint: int = 16)
                 if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
                     continue
                 packed = _packed_weight(weight, transpose, dtype or weight.dtype, rows_hint)
-                mod.forward = functools.partial(_packed_forward, packed, mod.bias, out_features)
+                mod.forward = functools.partial(_packed_forward, mod, packed, out_features)
                 swapped.append(mod)
         yield len(swapped)
     finally:
