@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ankus import distributed
 from ankus.checkpoint import GracefulExit, NonFiniteGuard, latest_checkpoint, load_checkpoint, save_checkpoint
 from ankus.config import ModelConfig, RunConfig, TrainerConfig
 from ankus.data.io import DataError, read_jsonl
@@ -427,15 +428,35 @@ def _live_reference(model: nn.Module, lora: bool):
     return ref
 
 
+def _sharded_reference_logps(model: nn.Module, pairs: list[Pair], pad_id: int, packing: bool, average: bool,
+                             m: DPOMethod) -> tuple[Tensor, Tensor]:
+    """:func:`reference_logps` of every pair, the work split over processes. The pairs are cut into
+    the very forwards one process would run (sorted by length, ``ref_batch_size`` at a time) and
+    each process runs a contiguous block of them, so every value is computed exactly as a single
+    process computes it; then all processes get all values."""
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
+    batches = [order[s:s + m.ref_batch_size] for s in range(0, len(order), m.ref_batch_size)]
+    mine = [i for batch in distributed.shard(batches) for i in batch]  # already sorted: reference_logps keeps it
+    chosen, rejected = reference_logps(model, [pairs[i] for i in mine], pad_id, m.ref_batch_size, packing, average,
+                                       m.lora, m.row_tokens)
+    # the blocks in rank order are ``order`` again
+    index = torch.tensor(order, dtype=torch.long)
+    ref_chosen, ref_rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    ref_chosen[index], ref_rejected[index] = distributed.all_gather_cat(chosen), distributed.all_gather_cat(rejected)
+    return ref_chosen, ref_rejected
+
+
 def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, tokenizer=None) -> dict[str, Any]:
     """Run DPO; returns a summary (run_dir, steps, first/last loss, accuracy, timings).
 
     ``model``/``tokenizer`` may be passed in already loaded (they are trained in place);
-    otherwise ``cfg.model.spec`` is loaded.
+    otherwise ``cfg.model.spec`` is loaded. Under several processes (torchrun, accelerate launch)
+    each takes ``trainer.batch_size`` pairs of the same global batch (see ankus.distributed).
     """
     m, tc = cfg.method, cfg.trainer
+    ds = distributed.setup()
     torch.manual_seed(tc.seed)
-    run_dir = create_run_dir(cfg.run, "dpo", cfg, exist_ok=resume)
+    run_dir = distributed.on_main(create_run_dir, cfg.run, "dpo", cfg, exist_ok=resume)
     if model is None:
         model, tokenizer = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
     tok = tokenizer
@@ -461,10 +482,9 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
         saved = torch.load(ref_path, weights_only=True)
         ref_chosen, ref_rejected = saved["chosen"], saved["rejected"]
     elif m.precompute_ref:
-        ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, m.ref_batch_size, packing, average, m.lora,
-                                                   m.row_tokens)
+        ref_chosen, ref_rejected = _sharded_reference_logps(model, pairs, pad_id, packing, average, m)
         # kept in the run directory: after the first update the policy is no longer the reference
-        torch.save({"chosen": ref_chosen, "rejected": ref_rejected}, ref_path)
+        distributed.on_main(torch.save, {"chosen": ref_chosen, "rejected": ref_rejected}, ref_path)
     else:
         ref_model = _live_reference(model, m.lora)
     t_ref = time.perf_counter() - t_ref
@@ -480,8 +500,9 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         start = load_checkpoint(ckpt, modules={"model": model}, optimizer=opt, scheduler=sched)["step"]
+        distributed.restore_rank_rng(ckpt)
     if resume:  # metrics continue from the checkpoint without a gap or a repeat
-        truncate_metrics(run_dir / "metrics.jsonl", start)
+        distributed.on_main(truncate_metrics, run_dir / "metrics.jsonl", start)
 
     def refs(mb: list[int], batch: list[Pair]) -> tuple[Tensor, Tensor]:
         if ref_model is None:
@@ -490,16 +511,20 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
         with torch.no_grad(), (ref_model.disable_adapter() if m.lora else nullcontext()):
             return policy_logps(ref_model, batch, pad_id, packing, average, m.row_tokens)
 
-    logger = MetricsLogger(run_dir / "metrics.jsonl")
+    logger = distributed.main_only(lambda: MetricsLogger(run_dir / "metrics.jsonl"))
     guard = NonFiniteGuard(tc.max_bad_steps)
     model.train()
     history: list[dict] = []
-    bar = tqdm(range(start, tc.total_steps), desc="dpo", disable=not cfg.run.progress)
+    bar = tqdm(range(start, tc.total_steps), desc="dpo", disable=not cfg.run.progress or not ds.is_main)
+    stopping = False
     with GracefulExit() as stop:
         for step in bar:
             t0 = time.perf_counter()
-            idx = batch_order(len(pairs), tc.batch_size, step, tc.seed, cfg.data.shuffle)
-            metrics = _accumulate_gradients(model, pairs, idx, refs, pad_id, packing, average, cfg)
+            # one global batch of batch_size x processes pairs; this process takes its block
+            global_idx = batch_order(len(pairs), tc.batch_size * ds.world_size, step, tc.seed, cfg.data.shuffle)
+            idx = list(distributed.shard(global_idx))
+            metrics = _accumulate_gradients(model, pairs, idx, refs, pad_id, packing, average, cfg, len(global_idx))
+            distributed.sync_gradients(params)  # summed: each process's loss was scaled by its share
             loss = metrics["loss"]
             # max_norm=inf still returns the norm, which the guard checks
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
@@ -517,22 +542,26 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
                 logger.log(step + 1, metrics)
             bar.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics['rewards/accuracy']:.2f}")
             done = step + 1 == tc.total_steps
-            if stop.requested or done or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0):
-                save_checkpoint(run_dir, step + 1, modules={"model": model}, optimizer=opt, scheduler=sched,
-                                keep_last=tc.keep_last)
-            if stop.requested:
-                print(f"stopped at step {step + 1}; continue with: ankus train <recipe> run.name={run_dir.name} "
-                      f"run.out_dir={cfg.run.out_dir} --resume")
+            stopping = distributed.any_rank(stop.requested)  # a signal that reached one process stops all
+            if stopping or done or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0):
+                rngs = distributed.rank_rng_states()
+                distributed.on_main(save_checkpoint, run_dir, step + 1, modules={"model": model}, optimizer=opt,
+                                    scheduler=sched, generators=rngs, keep_last=tc.keep_last)
+            if stopping:
+                if ds.is_main:
+                    print(f"stopped at step {step + 1}; continue with: ankus train <recipe> run.name={run_dir.name} "
+                          f"run.out_dir={cfg.run.out_dir} --resume")
                 break
     logger.close()
 
-    plot_metrics(run_dir, ["loss", "rewards/margins", "rewards/accuracy", "rewards/chosen", "rewards/rejected"],
-                 title=f"DPO ({m.loss_type}, beta={m.beta})")
-    if cfg.run.save_model and not stop.requested:
-        save_hf_model(model, tok, run_dir / "model")
+    distributed.on_main(plot_metrics, run_dir,
+                        ["loss", "rewards/margins", "rewards/accuracy", "rewards/chosen", "rewards/rejected"],
+                        title=f"DPO ({m.loss_type}, beta={m.beta})")
+    if cfg.run.save_model and not stopping:
+        distributed.on_main(save_hf_model, model, tok, run_dir / "model")
     step_s = sorted(h["perf/step_s"] for h in history)
     return {
-        "run_dir": str(run_dir), "steps": len(history), "pairs": len(pairs), "stopped_early": stop.requested,
+        "run_dir": str(run_dir), "steps": len(history), "pairs": len(pairs), "stopped_early": stopping,
         "loss_first": history[0]["loss"] if history else math.nan,
         "loss_last": history[-1]["loss"] if history else math.nan,
         "accuracy_last": history[-1]["rewards/accuracy"] if history else math.nan,
@@ -543,10 +572,15 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
 
 
 def _accumulate_gradients(model, pairs: list[Pair], idx: list[int], refs, pad_id: int, packing: bool,
-                          average: bool, cfg: Config) -> dict[str, Any]:
+                          average: bool, cfg: Config, n_global: int | None = None) -> dict[str, Any]:
     """Forward/backward over the batch ``idx`` in ``grad_accum`` micro-batches; returns the
-    batch's loss and statistics (and its token count under ``tokens``)."""
+    batch's loss and statistics (and its token count under ``tokens``).
+
+    ``idx`` may be this process's block of a global batch of ``n_global`` pairs: each micro-batch's
+    mean loss is weighted by its share of the *global* batch, so the gradients summed over
+    processes are the global batch's; the returned statistics are the global batch's too."""
     m = cfg.method
+    n_global = n_global or len(idx)
     n_micro = max(1, cfg.trainer.grad_accum)
     parts: list[tuple[Tensor, ...]] = []
     tokens = 0
@@ -558,11 +592,13 @@ def _accumulate_gradients(model, pairs: list[Pair], idx: list[int], refs, pad_id
         chosen, rejected = policy_logps(model, batch, pad_id, packing, average, m.row_tokens)  # (b,), (b,)
         ref_c, ref_r = refs(mb, batch)
         loss, _ = dpo_loss(chosen, rejected, ref_c, ref_r, m.beta, m.loss_type, m.label_smoothing)
-        # dpo_loss is a mean over pairs: weight each micro-batch by its share of the batch
-        (loss * len(mb) / len(idx)).backward()
+        # dpo_loss is a mean over pairs: weight each micro-batch by its share of the (global) batch
+        (loss * len(mb) / n_global).backward()
         parts.append((chosen.detach(), rejected.detach(), ref_c, ref_r))
         tokens += sum(len(pairs[i]) for i in mb)
-    chosen, rejected, ref_c, ref_r = (torch.cat(x) for x in zip(*parts))
+    # every process's pairs, for statistics of the whole batch
+    chosen, rejected, ref_c, ref_r = (distributed.all_gather_cat(torch.cat(x)) for x in zip(*parts))
+    tokens = int(distributed.sum_floats(tokens)[0])
     loss, stats = dpo_loss(chosen, rejected, ref_c, ref_r, m.beta, m.loss_type, m.label_smoothing)
     return {"loss": float(loss), **{k: float(v) for k, v in stats.items()},
             "logps/chosen": float(chosen.mean()), "logps/rejected": float(rejected.mean()), "tokens": tokens}

@@ -11,6 +11,14 @@ One iteration:
      clipped policy loss + ``vf_coef`` × clipped value loss (+ β·k3 KL loss for GRPO);
   5. the KL controller updates β.
 Loss math lives in ankus.losses / ankus.rl; this file only wires it together.
+
+Several processes (torchrun, accelerate launch; see ankus.distributed): each samples
+``num_rollouts`` from its block of one global prompt list, scores its own samples (or sends them
+to the main process, ``reward.on_main``), and the rollouts are then shared, so advantages,
+whitening, reward scaling, the KL fed to the controller and the logged metrics are the global
+batch's. Each PPO minibatch is ``trainer.batch_size`` rollouts per process, split evenly;
+gradients are summed over processes. N processes train as one process with N times the rollouts
+and the batch size.
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ from typing import Any, Callable, Literal
 import torch
 from tqdm.auto import tqdm
 
+from ankus import distributed
 from ankus.config import ModelConfig, RunConfig, TrainerConfig
-from ankus.generation.engine import GenerationConfig, generate
+from ankus.generation.engine import GenerationConfig, GenerationOutput, generate
 from ankus.losses.ppo import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from ankus.models.heads import ValueHead
 from ankus.models.loading import load_model
@@ -51,7 +60,8 @@ class PPOMethod:
     num_rollouts: int = 32
     """Responses collected per iteration (per process)."""
     chunk_size: int = 16
-    """Generation batch size."""
+    """Generation batch size. Each chunk has its own seed, so rollouts do not depend on the number of
+    processes as long as num_rollouts is a multiple of chunk_size."""
     ppo_epochs: int = 4
     """Passes over each iteration's rollouts."""
     init_kl_coef: float = 0.001
@@ -104,6 +114,9 @@ class RewardConfig:
     """Built-in reward (sentiment, randomwalks) or 'module:function'."""
     kwargs: dict = field(default_factory=dict)
     """Keyword arguments for the reward factory."""
+    on_main: bool = False
+    """Several processes: score every process's samples on the main one and send the scores back
+    (trlX's way: one reward model in memory); false = each process scores its own samples."""
 
 
 @dataclass
@@ -244,6 +257,54 @@ def _scalar(score) -> float:
     return float(sum(score)) if isinstance(score, (list, tuple)) else float(score)
 
 
+def _call_reward_here_or_on_main(reward_fn: Callable, prompts: list[str], outputs: list[str], batch,
+                                 on_main: bool) -> list:
+    """Scores of this process's samples: computed here, or (``on_main``, several processes) by the
+    main process over every process's samples and sent back."""
+    if not on_main or not distributed.state().enabled:
+        return call_reward(reward_fn, prompts, outputs, batch)
+    parts = distributed.all_gather_objects((list(prompts), list(outputs)))
+
+    def score_everything() -> list[list]:
+        scores = call_reward(reward_fn, [p for ps, _ in parts for p in ps], [o for _, os_ in parts for o in os_], batch)
+        bounds = [0]
+        for ps, _ in parts:
+            bounds.append(bounds[-1] + len(ps))
+        return [scores[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    return distributed.on_main(score_everything)[distributed.rank()]
+
+
+def _generate_rollouts(policy, tok, prompts: list[str], cfg: Config, gen: torch.Generator) -> GenerationOutput:
+    """Sample ``prompts`` in chunks of ``chunk_size``. Chunk j of the global batch is sampled with
+    the seed (s + j), s drawn once per iteration from ``gen`` (the same stream on every process),
+    so one process sampling every chunk and N processes sampling theirs produce the same rollouts.
+    The result is padded to the longest prompt and response over all processes, so that the
+    processes' tensors can be gathered into one batch (laid out as one process would lay it out)."""
+    size = cfg.method.chunk_size
+    base = int(torch.randint(0, 2 ** 62, (), generator=gen))
+    first = distributed.rank() * math.ceil(len(prompts) / size)  # this process's first global chunk
+    outs = [generate(policy, tok, prompts[s:s + size], cfg.generation, batch_size=size,
+                     generator=torch.Generator().manual_seed(base + first + j))
+            for j, s in enumerate(range(0, len(prompts), size))]
+    widths = torch.tensor([max(o.prompt_ids.shape[1] for o in outs), max(o.response_ids.shape[1] for o in outs)])
+    P, N = distributed.all_reduce_max(widths).tolist()
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    def pad(t: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+        extra = width - t.shape[1]
+        return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value) if extra else t
+
+    return GenerationOutput(
+        prompt_ids=torch.cat([pad(o.prompt_ids, P, pad_id, True) for o in outs]),
+        prompt_mask=torch.cat([pad(o.prompt_mask, P, 0, True) for o in outs]),
+        response_ids=torch.cat([pad(o.response_ids, N, pad_id, False) for o in outs]),
+        response_mask=torch.cat([pad(o.response_mask, N, 0, False) for o in outs]),
+        logprobs=torch.cat([pad(o.logprobs, N, 0.0, False) for o in outs]),
+        texts=[t for o in outs for t in o.texts],
+    )
+
+
 def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) -> dict[str, Any]:
     """Run PPO; returns a summary (run_dir, before/after eval scores)."""
     m, tc = cfg.method, cfg.trainer
@@ -251,9 +312,11 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
         raise ValueError(f"estimator '{m.estimator}' needs method.samples_per_prompt >= 2")
     if m.num_rollouts % m.samples_per_prompt:
         raise ValueError("method.num_rollouts must be a multiple of method.samples_per_prompt")
+    ds = distributed.setup()
     _set_seed(tc.seed)
-    run_dir = create_run_dir(cfg.run, "ppo", cfg, exist_ok=resume)
-    reward_fn = reward_fn or get_reward_fn(cfg.reward.name, **cfg.reward.kwargs)
+    run_dir = distributed.on_main(create_run_dir, cfg.run, "ppo", cfg, exist_ok=resume)
+    if reward_fn is None and (ds.is_main or not cfg.reward.on_main):  # on_main: one copy, on rank 0
+        reward_fn = get_reward_fn(cfg.reward.name, **cfg.reward.kwargs)
 
     model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
     train_prompts = load_prompts(cfg.data.prompts, "train", cfg.reward.kwargs, tc.seed)
@@ -266,11 +329,14 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
         # one token per node: a letter tokenizer takes "bha" as is; SmolLM2's would merge it into "bh"+"a"
         spaced = len(tok(walks[0], add_special_tokens=False).input_ids) != len(walks[0])
         _warm_start(model, tok, cfg, [" ".join(w) if spaced else w for w in walks])
+    distributed.broadcast_parameters(model)  # every process starts from rank 0's weights, bit for bit
 
     reference, ref_mode = _make_reference(model, m)
     policy = reference.policy  # the model to train (a peft model under LoRA)
     hidden_size = model.config.get_text_config().hidden_size
     value_head = ValueHead(hidden_size) if m.estimator == "gae" else None
+    if value_head is not None:
+        distributed.broadcast_parameters(value_head)
     params = [p for p in policy.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
     kl_ctl = (AdaptiveKLController(m.init_kl_coef, m.target, m.horizon) if m.target is not None
@@ -284,48 +350,68 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
     start, ckpt = 0, latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:  # the reference was built from the initial model above, as in the first run
         state = load_checkpoint(ckpt, modules=modules, optimizer=opt, generators={"rollouts": gen})
+        distributed.restore_rank_rng(ckpt)
         start, before, ref_std = state["step"], state["before"], state["ref_std"]
         kl_ctl.load_state_dict(state["kl_ctl"])
         running.load_state_dict(state["running"])
         prompt_rng.setstate(_tuple_state(state["prompt_rng"]))
-        truncate_metrics(run_dir / "metrics.jsonl", start)
-        print(f"resuming {run_dir} from iteration {start} ({ckpt.name})")
+        distributed.on_main(truncate_metrics, run_dir / "metrics.jsonl", start)
+        if ds.is_main:
+            print(f"resuming {run_dir} from iteration {start} ({ckpt.name})")
     else:
-        before = evaluate(policy, tok, eval_prompts, cfg, reward_fn, seed=tc.seed + 12345)
+        before = distributed.on_main(evaluate, policy, tok, eval_prompts, cfg, reward_fn, seed=tc.seed + 12345)
 
     def checkpoint(step: int) -> Path:
         extra = {"before": before, "ref_std": ref_std, "kl_ctl": kl_ctl.state_dict(), "running": running.state_dict(),
                  "prompt_rng": prompt_rng.getstate()}
-        return save_checkpoint(run_dir, step, modules=modules, optimizer=opt, generators={"rollouts": gen},
-                               extra=extra, keep_last=tc.keep_last)
+        generators = {"rollouts": gen, **distributed.rank_rng_states()}
+        return distributed.on_main(save_checkpoint, run_dir, step, modules=modules, optimizer=opt,
+                                   generators=generators, extra=extra, keep_last=tc.keep_last)
 
-    logger = MetricsLogger(run_dir / "metrics.jsonl")
+    logger = distributed.main_only(lambda: MetricsLogger(run_dir / "metrics.jsonl"))
     guard = NonFiniteGuard(tc.max_bad_steps)
     n_trainable = sum(p.numel() for p in params)
-    bar = tqdm(range(start, tc.total_steps), desc="ppo", disable=not cfg.run.progress, initial=start,
-               total=tc.total_steps)
+    bar = tqdm(range(start, tc.total_steps), desc="ppo", disable=not cfg.run.progress or not ds.is_main,
+               initial=start, total=tc.total_steps)
     with GracefulExit() as stop:  # SIGTERM/SIGINT: finish the iteration, checkpoint, stop
         for it in bar:
             # ---- 1. rollouts ----------------------------------------------------------------
             t0 = time.perf_counter()
             n_prompts = m.num_rollouts // m.samples_per_prompt
-            prompts = [prompt_rng.choice(train_prompts) for _ in range(n_prompts)]
-            prompts = [p for p in prompts for _ in range(m.samples_per_prompt)]  # k consecutive copies
+            # one global prompt list from the shared stream; each process takes its block
+            prompts = [prompt_rng.choice(train_prompts) for _ in range(n_prompts * ds.world_size)]
+            prompts = [p for p in distributed.shard(prompts) for _ in range(m.samples_per_prompt)]  # k copies
             templated = [cfg.data.template.format(prompt=p) for p in prompts]
             policy.eval()
             with torch.no_grad():
-                out = generate(policy, tok, templated, cfg.generation, generator=gen, batch_size=m.chunk_size)
+                out = _generate_rollouts(policy, tok, templated, cfg, gen)
             t_gen = time.perf_counter() - t0
             try:
-                raw = call_reward(reward_fn, templated, out.texts, batch=it)
+                raw, error = _call_reward_here_or_on_main(reward_fn, templated, out.texts, it, cfg.reward.on_main), None
             except RewardError as e:
-                saved = save_hf_model(policy, tok, run_dir / f"checkpoint-{it}")
-                raise RewardError(f"{e}. The model so far was saved to {saved}") from e.__cause__
+                raw, error = None, e
+            if distributed.any_rank(error is not None):  # every process stops, not only the one that failed
+                saved = distributed.on_main(save_hf_model, policy, tok, run_dir / f"checkpoint-{it}")
+                error = error or RewardError(f"the reward function failed on another process (batch {it})")
+                raise RewardError(f"{error}. The model so far was saved to {saved}") from error.__cause__
             mask = out.response_mask.float()  # (B, N)
             if not bool((mask.sum(1) > 0).all()):
                 mask[:, 0] = 1.0  # an empty response still carries its score on one token
             dense = isinstance(raw[0], (list, tuple))
             scores = _scores_tensor(raw, mask, dense).clamp(-m.cliprange_reward, m.cliprange_reward)
+
+            input_ids = torch.cat([out.prompt_ids, out.response_ids], 1)  # (B, P+N)
+            attn = torch.cat([out.prompt_mask, mask.long()], 1)
+            response_ids = out.response_ids
+            n_resp = out.response_ids.shape[1]
+            with torch.no_grad():
+                old_logps, old_values, ref_logps = _score_rollouts(policy, value_head, reference, input_ids, attn,
+                                                                   out.response_ids, n_resp, m.chunk_size)
+            if ds.enabled:  # every process gets every rollout: what follows sees the global batch
+                input_ids, attn, response_ids, mask, scores, old_logps, ref_logps = (
+                    distributed.all_gather_cat(t)
+                    for t in (input_ids, attn, response_ids, mask, scores, old_logps, ref_logps))
+                old_values = None if old_values is None else distributed.all_gather_cat(old_values)
             seq_scores = scores if scores.dim() == 1 else scores.sum(1)
             if m.scale_reward == "running":
                 running.update(seq_scores)
@@ -333,13 +419,6 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
             elif m.scale_reward == "ref":
                 ref_std = ref_std or max(float(seq_scores.std()), 1e-8)
                 scores = scores / ref_std
-
-            input_ids = torch.cat([out.prompt_ids, out.response_ids], 1)  # (B, P+N)
-            attn = torch.cat([out.prompt_mask, mask.long()], 1)
-            n_resp = out.response_ids.shape[1]
-            with torch.no_grad():
-                old_logps, old_values, ref_logps = _score_rollouts(policy, value_head, reference, input_ids, attn,
-                                                                   out.response_ids, n_resp, m.chunk_size)
             # ---- 2. advantages ---------------------------------------------------------------
             beta = kl_ctl.value
             if m.estimator == "gae":
@@ -361,14 +440,18 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
             policy.train()
             stats: dict[str, list[float]] = {}
             B = input_ids.shape[0]
+            mb_size = tc.batch_size * ds.world_size  # a global minibatch: batch_size rollouts per process
             for _ in range(m.ppo_epochs):
                 order = torch.randperm(B, generator=gen)
-                for start in range(0, B, tc.batch_size):
-                    idx = order[start:start + tc.batch_size]
+                for s in range(0, B, mb_size):
+                    minibatch = order[s:s + mb_size]
+                    idx = minibatch[slice(*distributed.shard_bounds(len(minibatch)))]  # this process's block
+                    # its losses count with its share of the minibatch's tokens (1 for one process)
+                    share = float(mask[idx].sum()) / max(float(mask[minibatch].sum()), 1.0)
                     step_stats = _ppo_step(policy, value_head, opt, params, cfg, beta, guard, input_ids[idx], attn[idx],
-                                           out.response_ids[idx], mask[idx], old_logps[idx], ref_logps[idx],
+                                           response_ids[idx], mask[idx], old_logps[idx], ref_logps[idx],
                                            None if old_values is None else old_values[idx], advantages[idx],
-                                           None if returns is None else returns[idx], n_resp)
+                                           None if returns is None else returns[idx], n_resp, share)
                     for k, v in step_stats.items():
                         stats.setdefault(k, []).append(v)
             kl_ctl.update(mean_kl, n_steps=B)
@@ -383,19 +466,22 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
             if (it + 1) % tc.log_every == 0 or it == tc.total_steps - 1:
                 logger.log(it + 1, metrics)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{mean_kl:.3f}")
-            if stop.requested or (tc.checkpoint_every and (it + 1) % tc.checkpoint_every == 0):
+            stopping = distributed.any_rank(stop.requested)  # a signal that reached one process stops all
+            if stopping or (tc.checkpoint_every and (it + 1) % tc.checkpoint_every == 0):
                 path = checkpoint(it + 1)
-                if stop.requested:
+                if stopping:
                     logger.close()
-                    print(f"stopped by signal after iteration {it + 1}; resume with --resume (checkpoint {path})")
+                    if ds.is_main:
+                        print(f"stopped by signal after iteration {it + 1}; resume with --resume (checkpoint {path})")
                     return {"run_dir": str(run_dir), "stopped_at": it + 1}
     logger.close()
 
-    after = evaluate(policy, tok, eval_prompts, cfg, reward_fn, seed=tc.seed + 12345)
-    plot_metrics(run_dir, ["reward/mean", "kl/mean", "loss/pg", "loss/vf", "policy/entropy"], title="PPO")
+    after = distributed.on_main(evaluate, policy, tok, eval_prompts, cfg, reward_fn, seed=tc.seed + 12345)
+    distributed.on_main(plot_metrics, run_dir, ["reward/mean", "kl/mean", "loss/pg", "loss/vf", "policy/entropy"],
+                        title="PPO")
     if cfg.run.save_model:
-        save_hf_model(policy, tok, run_dir / "model")
-    summary = _write_eval(run_dir, before, after)
+        distributed.on_main(save_hf_model, policy, tok, run_dir / "model")
+    summary = distributed.on_main(_write_eval, run_dir, before, after)
     summary.update(run_dir=str(run_dir), reference=ref_mode)
     return summary
 
@@ -431,7 +517,10 @@ def _score_rollouts(policy, value_head, reference, input_ids, attn, response_ids
 
 
 def _ppo_step(policy, value_head, opt, params, cfg: Config, beta, guard: NonFiniteGuard, ids, am, resp, mask,
-              old_logps, ref_logps, old_values, advantages, returns, n_resp) -> dict[str, float]:
+              old_logps, ref_logps, old_values, advantages, returns, n_resp, share: float = 1.0) -> dict[str, float]:
+    """One optimizer step on this process's block of a minibatch. ``share`` = its fraction of the
+    minibatch's response tokens: the token-mean losses are scaled by it, so that the gradients
+    summed over processes (and the reported statistics) are those of the whole minibatch."""
     m, tc = cfg.method, cfg.trainer
     logits, values, _ = policy_forward(policy, value_head, ids, am, n_resp)
     logps = logprobs_from_logits(logits, resp)  # (b, N)
@@ -449,9 +538,12 @@ def _ppo_step(policy, value_head, opt, params, cfg: Config, beta, guard: NonFini
         out["loss/kl"] = float(kl_loss.detach())
     with torch.no_grad():
         out["policy/entropy"] = float(entropy_from_logits(logits.detach(), mask))
+    out["loss/total"] = float(loss.detach())
+    out = distributed.weighted_stats(out, share, max_keys=("policy/ratio_max",))  # the minibatch's, over processes
     skipped = 1.0
-    if guard.check(loss.detach()):
-        loss.backward()
+    if guard.check(out["loss/total"]):  # the global loss: every process decides alike
+        (loss * share).backward()
+        distributed.sync_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
         out["grad_norm"] = float(grad_norm)
         if guard.check(grad_norm):  # a NaN/inf gradient skips the step too
@@ -459,7 +551,6 @@ def _ppo_step(policy, value_head, opt, params, cfg: Config, beta, guard: NonFini
             skipped = 0.0
     out["skipped_steps"] = skipped
     opt.zero_grad(set_to_none=True)
-    out["loss/total"] = float(loss.detach())
     return out
 
 

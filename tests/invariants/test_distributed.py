@@ -1,0 +1,290 @@
+"""Data parallelism: N processes with batch b each train exactly like one process with batch N·b.
+
+Two-process runs are real gloo process groups started with torchrun (``--standalone`` picks a free
+port, so concurrent test runs do not collide); every process gets one thread, as does the
+single-process run they are compared with, so matrix products sum in the same order.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ankus import distributed
+from ankus.runs import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+TOL = 1e-5
+
+
+def _env(tmp_path: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the single-process run must not think it is part of a group
+    return env
+
+
+def _torchrun(n: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
+
+
+def _run_all(commands: dict[str, list[str]], env: dict, timeout: float = 240) -> None:
+    """Start every command at once (they are independent) and wait; fail with the output tail."""
+    procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, cmd in commands.items()}
+    deadline = time.time() + timeout
+    failures = []
+    for name, proc in procs.items():
+        try:
+            out, _ = proc.communicate(timeout=max(deadline - time.time(), 1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            failures.append(f"{name}: timed out\n{out[-3000:]}")
+            continue
+        if proc.returncode != 0:
+            failures.append(f"{name}: exit {proc.returncode}\n{out[-3000:]}")
+    assert not failures, "\n\n".join(failures)
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    return max(float((ta[k] - tb[k]).abs().max()) for k in ta)
+
+
+# ---------------------------------------------------------------------------------------------
+# the helpers, one process
+
+
+def test_shard_bounds_by_hand():
+    # 7 items over 3 ranks: the first 7 % 3 = 1 rank gets the extra one
+    assert [distributed.shard_bounds(7, r, 3) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
+    assert [list(distributed.shard(list("abcdefgh"), r, 2)) for r in range(2)] == [list("abcd"), list("efgh")]
+    assert [distributed.shard_bounds(1, r, 2) for r in range(2)] == [(0, 1), (1, 1)]  # an empty block
+
+
+def test_single_process_helpers_are_identities():
+    st = distributed.setup()
+    assert (st.rank, st.world_size, st.is_main, st.enabled) == (0, 1, True, False)
+    t = torch.tensor([1.5, -2.0])
+    assert distributed.all_reduce_sum(t) is t and t.tolist() == [1.5, -2.0]
+    assert distributed.all_gather_cat(t) is t
+    assert distributed.weighted_stats({"a": 2.0, "b_max": 3.0}, 0.5, max_keys=("b_max",)) == {"a": 1.0, "b_max": 3.0}
+    assert distributed.any_rank(False) is False and distributed.any_rank(True) is True
+    assert distributed.on_main(lambda x: x + 1, 1) == 2
+    assert distributed.rank_rng_states() == {}
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    distributed.sync_gradients([p])
+    assert p.grad.tolist() == [3.0, 4.0]
+
+
+@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharding_launch_configs_are_refused_not_run_replicated(monkeypatch, var):
+    monkeypatch.setenv(var, "true")
+    with pytest.raises(RuntimeError, match="do not shard it yet"):
+        distributed.setup()
+
+
+# ---------------------------------------------------------------------------------------------
+# the collectives, two processes
+
+WORKER = textwrap.dedent('''
+    import math, statistics, sys
+    from pathlib import Path
+    import torch
+    from ankus import distributed
+    from ankus.checkpoint import load_checkpoint, save_checkpoint
+    from ankus.rl.stats import RunningMoments, masked_whiten
+
+    out = Path(sys.argv[1])
+    st = distributed.setup()
+    r = st.rank
+    assert st.world_size == 2 and st.enabled, st
+
+    # sums and gathers
+    assert distributed.all_reduce_sum(torch.tensor([r + 1.0])).item() == 3.0
+    assert distributed.all_gather_cat(torch.arange(r + 1) + r).tolist() == [0, 1, 2]  # rank 0: [0], rank 1: [1, 2]
+    assert distributed.sum_floats(r, 10.0) == [1.0, 20.0]
+    assert distributed.any_rank(r == 1) and not distributed.any_rank(False)
+    # rank 0: mean a = 1 with 1/4 of the elements, rank 1: a = 5 with 3/4 -> 4; maxima: 3
+    got = distributed.weighted_stats({"a": [1.0, 5.0][r], "m_max": [3.0, 2.0][r]}, [0.25, 0.75][r], ("m_max",))
+    assert got == {"a": 4.0, "m_max": 3.0}, got
+    assert distributed.all_gather_objects({"r": r}) == [{"r": 0}, {"r": 1}]
+    assert distributed.broadcast_object(f"from {r}") == "from 0"
+
+    # whitening over both ranks' masked values {1, 2, 3} and {4, 5}: mean 3, population variance 2
+    x = [torch.tensor([[1.0, 2.0], [3.0, 100.0]]), torch.tensor([[4.0, 5.0]])][r]
+    m = [torch.tensor([[1, 1], [1, 0]]), torch.tensor([[1, 1]])][r]
+    w = masked_whiten(x, m, reduce=distributed.all_reduce_sum)
+    expect = [[[-2.0, -1.0], [0.0, None]], [[1.0, 2.0]]][r]
+    for row, erow in zip(w.tolist(), expect):
+        for v, e in zip(row, erow):
+            assert (v == 0.0) if e is None else abs(v - e / math.sqrt(2.0)) < 1e-6, (w, expect)
+
+    # running moments over the stream 1..5 then 10 (rank 1 sees nothing in the second batch)
+    rm = RunningMoments(reduce=distributed.all_reduce_sum)
+    rm.update(torch.tensor([[1.0, 2.0], [3.0, 4.0, 5.0]][r]))
+    rm.update(torch.tensor([[10.0], []][r]))
+    seen = [1.0, 2.0, 3.0, 4.0, 5.0, 10.0]
+    assert rm.count == 6 and abs(rm.mean - sum(seen) / 6) < 1e-12 and abs(rm.std - statistics.stdev(seen)) < 1e-12
+
+    # gradients: p gets [r+1, 2(r+1), 0] on rank r -> [3, 6, 0]; q only on rank 1 -> 5; z nowhere -> None
+    p, q, z = (torch.nn.Parameter(torch.zeros(n)) for n in (3, 1, 2))
+    (p * torch.tensor([r + 1.0, 2.0 * (r + 1), 0.0])).sum().backward()
+    if r == 1:
+        (q * 5.0).sum().backward()
+    distributed.sync_gradients([p, q, z])
+    assert p.grad.tolist() == [3.0, 6.0, 0.0] and q.grad.tolist() == [5.0] and z.grad is None
+    distributed.sync_gradients([p], average=True)
+    assert p.grad.tolist() == [3.0, 6.0, 0.0]  # equal on both ranks already: the average is the same
+
+    # parameters start as rank 0's
+    lin = torch.nn.Linear(2, 2)
+    torch.nn.init.constant_(lin.weight, float(r + 7))
+    distributed.broadcast_parameters(lin)
+    assert (lin.weight == 7.0).all()
+
+    # on_main: the result, or the exception, reaches every rank
+    assert distributed.on_main(lambda: f"made on {distributed.rank()}") == "made on 0"
+    try:
+        distributed.on_main(lambda: (_ for _ in ()).throw(ValueError("boom on main")))
+        raise AssertionError("no exception")
+    except ValueError as e:
+        assert "boom on main" in str(e)
+
+    # every rank's RNG survives a checkpoint that only rank 0 writes
+    torch.manual_seed(100 + r)
+    torch.rand(5)
+    gens = distributed.rank_rng_states()
+    assert sorted(gens) == ["torch_rank0", "torch_rank1"]
+    expected_next = torch.rand(4)  # what this rank's stream gives next
+    lin2 = torch.nn.Linear(2, 1)
+    path = distributed.on_main(save_checkpoint, out / "run", 3, modules={"m": lin2}, generators=gens)
+    torch.manual_seed(0)
+    load_checkpoint(path, modules={"m": lin2})
+    distributed.restore_rank_rng(path)
+    assert torch.equal(torch.rand(4), expected_next)
+
+    (out / f"ok{r}").write_text("ok")
+''')
+
+
+def test_collectives_on_two_processes(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    _run_all({"workers": _torchrun(2, str(script), str(tmp_path))}, _env(tmp_path), timeout=180)
+    assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()  # really two processes
+
+
+# ---------------------------------------------------------------------------------------------
+# trainers: 2 processes x batch b == 1 process x batch 2b
+
+
+def _train(tmp_path: Path, n: int, recipe: str, *overrides: str) -> list[str]:
+    args = ["-m", "ankus.cli", "train", recipe, f"run.out_dir={tmp_path}", "run.progress=false", *overrides]
+    return _torchrun(n, *args) if n > 1 else [sys.executable, *args]
+
+
+def test_dpo_two_processes_equal_one_with_the_global_batch(tmp_path):
+    common = ["trainer.total_steps=4", "trainer.lr=1e-3", "method.ref_batch_size=8"]
+    _run_all({
+        "one": _train(tmp_path, 1, "recipes/dpo_tiny.yaml", *common, "trainer.batch_size=8", "run.name=one"),
+        "two": _train(tmp_path, 2, "recipes/dpo_tiny.yaml", *common, "trainer.batch_size=4", "run.name=two"),
+    }, _env(tmp_path))
+    one, two = tmp_path / "one", tmp_path / "two"
+    diff = _max_diff(one / "model" / "model.safetensors", two / "model" / "model.safetensors")
+    print(f"DPO max |param diff| 2 processes vs 1: {diff:.3g}")
+    assert diff <= TOL
+    # the parameters did move, by far more than that
+    trained = load_file(str(one / "checkpoints" / "step-00000004" / "model.safetensors"))
+    assert diff < 1e-2 * _moved_from_init("tiny-llama", trained)
+    # the reference log-probs were split over the processes and computed exactly as one process does
+    ra, rb = torch.load(one / "ref_logps.pt"), torch.load(two / "ref_logps.pt")
+    assert torch.equal(ra["chosen"], rb["chosen"]) and torch.equal(ra["rejected"], rb["rejected"])
+    # metrics are the global batch's, written once
+    ma, mb = read_metrics(one), read_metrics(two)
+    assert [r["step"] for r in mb] == [1, 2, 3, 4]
+    for a, b in zip(ma, mb):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
+    # the checkpoint holds both ranks' RNG streams
+    rng = torch.load(two / "checkpoints" / "step-00000004" / "rng.pt", weights_only=True)
+    assert sorted(rng["generators"]) == ["torch_rank0", "torch_rank1"]
+
+
+def _moved_from_init(spec: str, trained: dict) -> float:
+    from ankus import load_model
+
+    model, _ = load_model(spec, seed=0)
+    init = model.state_dict()
+    return max(float((trained[k] - init[k]).abs().max()) for k in trained if k in init)
+
+
+REWARD = textwrap.dedent('''
+    import os
+
+    def vowels(samples, prompts, outputs, log=""):
+        """Share of vowels in each response; logs which rank scored how many samples."""
+        with open(log, "a") as f:
+            f.write(f"{os.environ.get('RANK', '0')} {len(outputs)}\\n")
+        return [sum(c in "aeiou" for c in o) / max(len(o), 1) for o in outputs]
+''')
+
+
+def test_ppo_two_processes_equal_one_with_the_global_batch(tmp_path):
+    (tmp_path / "rank_reward.py").write_text(REWARD)
+    common = ["model.spec=tiny-llama", "trainer.total_steps=2", "trainer.lr=1e-3", "trainer.checkpoint_every=2",
+              "method.chunk_size=4", "method.ppo_epochs=2", "method.num_layers_unfrozen=2",
+              "method.scale_reward=running", "method.target=1.0", "generation.max_new_tokens=6",
+              "data.num_eval=2", "reward.name=rank_reward:vowels", "run.save_model=false"]
+
+    def run(name: str, n: int, *extra: str) -> list[str]:
+        return _train(tmp_path, n, "ppo_sentiment", *common, *extra, f"run.name={name}",
+                      f"reward.kwargs={{log: {tmp_path / (name + '.log')}}}")
+
+    _run_all({
+        "one": run("one", 1, "method.num_rollouts=8", "trainer.batch_size=4"),
+        "two": run("two", 2, "method.num_rollouts=4", "trainer.batch_size=2"),
+        "two_main": run("two_main", 2, "method.num_rollouts=4", "trainer.batch_size=2", "reward.on_main=true"),
+    }, _env(tmp_path), timeout=300)
+
+    ck = "checkpoints/step-00000002"
+    for name in ("two", "two_main"):
+        for module in ("policy", "value_head"):
+            diff = _max_diff(tmp_path / "one" / ck / f"{module}.safetensors", tmp_path / name / ck / f"{module}.safetensors")
+            print(f"PPO ({name}) {module}: max |param diff| 2 processes vs 1: {diff:.3g}")
+            assert diff <= TOL, (name, module, diff)
+
+    # statistics are the global batch's: reward mean/std, the KL fed to the controller, beta, losses
+    ma = read_metrics(tmp_path / "one")
+    for name in ("two", "two_main"):
+        mb = read_metrics(tmp_path / name)
+        assert [r["step"] for r in mb] == [1, 2]
+        for a, b in zip(ma, mb):
+            for key in ("reward/mean", "reward/std", "kl/mean", "kl/beta", "loss/pg", "loss/vf", "grad_norm"):
+                assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (name, key, a[key], b[key])
+            assert a["response/length"] == b["response/length"]
+    # the running reward moments and the KL controller agree too
+    sa = json.loads((tmp_path / "one" / ck / "state.json").read_text())["extra"]
+    sb = json.loads((tmp_path / "two" / ck / "state.json").read_text())["extra"]
+    assert sa["running"]["count"] == sb["running"]["count"] == 16  # 8 rollouts x 2 iterations, over both ranks
+    assert abs(sa["running"]["mean"] - sb["running"]["mean"]) < 1e-9
+    assert abs(sa["kl_ctl"]["value"] - sb["kl_ctl"]["value"]) < 1e-9
+
+    # who scored what: (rank, number of samples) per reward call, after the main-only eval calls (2 prompts)
+    def calls(name: str) -> list[tuple[str, int]]:
+        rows = [tuple(line.split()) for line in (tmp_path / f"{name}.log").read_text().splitlines()]
+        return sorted((r, int(n)) for r, n in rows)
+
+    assert calls("one") == [("0", 2), ("0", 2), ("0", 8), ("0", 8)]
+    assert calls("two") == [("0", 2), ("0", 2), ("0", 4), ("0", 4), ("1", 4), ("1", 4)]  # each its own samples
+    assert calls("two_main") == [("0", 2), ("0", 2), ("0", 8), ("0", 8)]  # rank 0 scored both ranks' samples
