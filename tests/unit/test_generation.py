@@ -69,6 +69,27 @@ def test_static_cache_step_matches_transformers(tiny, spec, monkeypatch):
     assert_same_as_hf(out, hf_greedy(model, tok, PROMPTS, 10), tok.pad_token_id)
 
 
+def test_sliding_window_model_keeps_its_cache_layers(tiny):
+    """Mistral with a 4-token window: its sliding layers stay transformers' own (only full-attention
+    layers are preallocated), greedy output still matches, and the CUDA-graph path is refused."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    _, tok = tiny["tiny-llama"]
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=len(tok), sliding_window=4, pad_token_id=tok.pad_token_id,
+                           eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    model = MistralForCausalLM(config).eval()
+    cache = engine._new_cache(model, static=False, max_len=32)
+    assert all(type(layer).__name__ == "DynamicSlidingWindowLayer" for layer in cache.layers)
+    llama_cache = engine._new_cache(tiny["tiny-llama"][0], static=False, max_len=32)
+    assert [type(layer).__name__ for layer in llama_cache.layers] == ["PreallocatedLayer"] * 4
+    out = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=8, do_sample=False))
+    assert_same_as_hf(out, hf_greedy(model, tok, PROMPTS, 8), tok.pad_token_id)
+    assert not engine._graph_safe(model) and engine._graph_safe(tiny["tiny-llama"][0])
+    assert engine._decode_mode(tiny["tiny-llama"][0], GenerationConfig()) == "eager"  # CPU
+
+
 @pytest.mark.slow
 def test_greedy_matches_transformers_smollm2():
     model, tok = load_model()

@@ -435,7 +435,10 @@ def _keep_rows(branch: _Branch, keep: Tensor) -> None:
 
 
 def _graph_safe(model) -> bool:
-    """Full attention in every layer: our own 4-D additive mask is then exactly the model's mask."""
+    """Full attention in every layer, through sdpa or eager attention: our own 4-D additive mask
+    is then exactly the model's mask (flash-attention kernels want 2-D masks instead)."""
+    if getattr(model.config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
     cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types and any(t != "full_attention" for t in layer_types):
