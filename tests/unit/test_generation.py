@@ -91,8 +91,8 @@ def test_sliding_window_model_keeps_its_cache_layers(tiny):
 
 
 @pytest.mark.slow
-def test_greedy_matches_transformers_smollm2():
-    model, tok = load_model()
+def test_greedy_matches_transformers_smollm2(default_model):
+    model, tok = default_model
     prompts = ["What is the capital of France?", "Write a haiku about rain.", "2+2="]
     out = generate(model, tok, prompts, GenerationConfig(max_new_tokens=16, do_sample=False))
     ids = encode_prompts(tok, prompts, chat_template=None)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -493,10 +494,16 @@ def _static_step(model, branch: _Branch, dtype: torch.dtype, capture: bool) -> C
             torch.cuda.current_stream().wait_stream(side)
             return out
         if state["graph"] is None:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                state["logits"] = forward()
-            state["graph"] = graph
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    state["logits"] = forward()
+                state["graph"] = graph
+            except RuntimeError as e:  # a forward that syncs with the host cannot be captured
+                warnings.warn(f"CUDA graph capture failed ({e}); decoding on the static cache without it")
+                state["graph"] = False
+        if state["graph"] is False:
+            return forward()  # capture records without running: the cache has not moved
         state["graph"].replay()
         return state["logits"]
 
