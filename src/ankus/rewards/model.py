@@ -82,16 +82,22 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu"):
 
 @torch.no_grad()
 def score_texts(trunk, head, tok, prompts: Sequence[str], responses: Sequence[str], max_length: int | None = None,
-                batch_size: int = 32, pack_length: int = 4096) -> list[float]:
+                batch_size: int = 32) -> list[float]:
     """Raw reward-model scores of (prompt, response) pairs."""
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     examples = [tokenize_response(tok, p, r, max_length) for p, r in zip(prompts, responses)]
-    scores: list[float] = []
+    # Batches of similar lengths (sorted), right-padded: no attention across a long packed row,
+    # little padding. Scores go back to the input order.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    scores = [0.0] * len(examples)
     device = next(head.parameters()).device
-    for s in range(0, len(examples), batch_size):
-        batch = make_batch(examples[s:s + batch_size], pad_id, "pack", pack_length)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batch = make_batch([examples[i] for i in idx], pad_id, "pad", 0)
         batch.input_ids, batch.position_ids = batch.input_ids.to(device), batch.position_ids.to(device)
-        scores += sequence_rewards(trunk, head, batch).float().tolist()
+        batch.last_index = batch.last_index.to(device)
+        for i, r in zip(idx, sequence_rewards(trunk, head, batch).float().tolist()):
+            scores[i] = r
     return scores
 
 

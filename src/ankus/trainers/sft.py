@@ -75,8 +75,8 @@ class SFTData:
     """Share of the examples held out for the eval loss (a seeded random split)."""
     batching: Literal["pack", "bucket", "pad"] = "pack"
     """pack: examples end to end with restarting positions; bucket: similar lengths per batch; pad: plain."""
-    pack_length: int = 2048
-    """Most tokens in one packed row."""
+    pack_length: int = 1024
+    """Most tokens in one packed row (attention cost grows with its square; at least max_length)."""
 
 
 @dataclass
@@ -465,7 +465,14 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rows = load_rows(d)
-    examples = [ex for ex in (tokenize_row(tok, r, d) for r in rows) if ex is not None]
+    examples = []
+    for i, row in enumerate(rows):
+        try:
+            ex = tokenize_row(tok, row, d)
+        except DataError as e:
+            raise DataError(f"data '{d.name}', row {i + 1}: {e}") from None
+        if ex is not None:
+            examples.append(ex)
     n_dropped = len(rows) - len(examples)
     if not examples:
         raise DataError(f"data '{d.name}': no example has a completion token to learn")
