@@ -107,6 +107,10 @@ def test_pack_rows_first_fit_decreasing():
     # lengths 5,4,3,3,1 into rows of 8: 5+3, 4+3+1
     assert pack_rows([3, 5, 1, 4, 3], 8) == [[1, 0], [3, 4, 2]]
     assert pack_rows([10, 2], 8) == [[0], [1]]  # too long: a row of its own
+    # first fit alone gives [6, 2] + [2, 2], padded to 8 + 8; balanced rows need no padding
+    assert pack_rows([6, 2, 2, 2], 8) == [[0], [1, 2, 3]]
+    # 16 examples of 100 in rows of 1024: two rows of 800, not 1000 + 600
+    assert sorted(len(r) for r in pack_rows([100] * 16, 1024)) == [8, 8]
 
 
 def test_bucketed_batches_group_similar_lengths():

@@ -125,9 +125,7 @@ def pad_batch(examples: Sequence[Example], pad_id: int) -> Batch:
     return Batch(input_ids, position_ids, loss_mask, last, sum(len(ex) for ex in examples), R)
 
 
-def pack_rows(lengths: Sequence[int], pack_length: int) -> list[list[int]]:
-    """First-fit-decreasing bin packing: example indices grouped into rows of at most
-    ``pack_length`` tokens (an example longer than that gets a row of its own)."""
+def _first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     rows: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -138,7 +136,26 @@ def pack_rows(lengths: Sequence[int], pack_length: int) -> list[list[int]]:
                 break
         else:
             rows.append([i])
-            room.append(pack_length - lengths[i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def pack_rows(lengths: Sequence[int], pack_length: int) -> list[list[int]]:
+    """Example indices grouped into rows of at most ``pack_length`` tokens (an example longer than
+    that gets a row of its own): first-fit decreasing, then balanced.
+
+    Rows are padded to the longest, so after first-fit finds how many rows are needed, the
+    capacity is lowered towards ``total / rows`` as far as the same number of rows still holds
+    every example: [6, 2, 2, 2] in rows of 8 is [6, 2] + [2, 2] (4 pads), balanced [6] + [2, 2, 2].
+    """
+    rows = _first_fit_decreasing(lengths, pack_length)
+    if len(rows) > 1:
+        capacity = max(max(lengths), -(-sum(lengths) // len(rows)))
+        while capacity < pack_length:
+            trial = _first_fit_decreasing(lengths, capacity)
+            if len(trial) <= len(rows):
+                return trial
+            capacity += max(1, capacity // 50)
     return rows
 
 
