@@ -505,6 +505,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     epoch_batches: dict[int, list[list[int]]] = {}
     guard = NonFiniteGuard(tc.max_bad_steps)
     logger = MetricsLogger(run_dir / "metrics.jsonl")
+    if before and start == 0:
+        logger.log(0, before)  # the untrained model's task eval: the first point of its curve
     metrics: dict[str, Any] = {}
     stopped = False
     bar = tqdm(range(start, tc.total_steps), desc="sft", disable=not cfg.run.progress, initial=start,
@@ -574,7 +576,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         logger.log(tc.total_steps, final)
     logger.close()
     summary.update(final)
-    plot_metrics(run_dir, ["loss/sft", "loss/sft_eval", "lr", "perf/tokens_per_s"], title="SFT")
+    plot_metrics(run_dir, ["loss/sft", "loss/sft_eval", "eval/legal_fraction", "eval/vader", "perf/tokens_per_s"],
+                 title="SFT")
     checkpoint(tc.total_steps)
     if cfg.run.save_model:
         save_hf_model(model, tok, run_dir / "model")
