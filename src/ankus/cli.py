@@ -119,6 +119,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_make_sentiment_dataset(args) -> int:
+    from ankus.data.sentiment_dataset import cmd_make_sentiment_dataset as run
+
+    return run(args)
+
+
 def cmd_demo(args) -> int:
     """The README's main job: PPO on SmolLM2 for positive movie reviews."""
     run_recipe("ppo_sentiment", overrides=args.overrides)
@@ -161,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-5 run.name=try1")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run directory")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("make-sentiment-dataset", help="ILQL's offline set: sample a model on review openings, "
+                       "score with VADER")
+    p.add_argument("--out", required=True, help="JSONL to write, e.g. runs/datasets/sentiment_offline.jsonl")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--samples-per-prompt", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, default=0, help="first N openings only; 0 = all")
+    p.set_defaults(func=cmd_make_sentiment_dataset)
 
     p = sub.add_parser("demo", help="the main demo: PPO on SmolLM2 towards positive movie reviews")
     p.add_argument("overrides", nargs="*", help="dotted overrides for recipes/ppo_sentiment.yaml")
