@@ -260,7 +260,8 @@ def test_ppo_two_processes_equal_one_with_the_global_batch(tmp_path):
     ck = "checkpoints/step-00000002"
     for name in ("two", "two_main"):
         for module in ("policy", "value_head"):
-            diff = _max_diff(tmp_path / "one" / ck / f"{module}.safetensors", tmp_path / name / ck / f"{module}.safetensors")
+            diff = _max_diff(tmp_path / "one" / ck / f"{module}.safetensors",
+                             tmp_path / name / ck / f"{module}.safetensors")
             print(f"PPO ({name}) {module}: max |param diff| 2 processes vs 1: {diff:.3g}")
             assert diff <= TOL, (name, module, diff)
 
@@ -288,3 +289,29 @@ def test_ppo_two_processes_equal_one_with_the_global_batch(tmp_path):
     assert calls("one") == [("0", 2), ("0", 2), ("0", 8), ("0", 8)]
     assert calls("two") == [("0", 2), ("0", 2), ("0", 4), ("0", 4), ("1", 4), ("1", 4)]  # each its own samples
     assert calls("two_main") == [("0", 2), ("0", 2), ("0", 8), ("0", 8)]  # rank 0 scored both ranks' samples
+
+
+def test_sft_two_processes_equal_one_with_the_global_batch(tmp_path):
+    # 12 training examples, a global batch of 8: the second step of each epoch has 4 (2 per rank)
+    common = ["method.lora=false", "trainer.total_steps=4", "trainer.lr=1e-3", "method.eval_every=2"]
+    _run_all({
+        "one": _train(tmp_path, 1, "recipes/sft_tiny.yaml", *common, "trainer.batch_size=8", "run.name=one"),
+        "two": _train(tmp_path, 2, "recipes/sft_tiny.yaml", *common, "trainer.batch_size=4", "run.name=two"),
+    }, _env(tmp_path))
+    one, two = tmp_path / "one", tmp_path / "two"
+    diff = _max_diff(one / "model" / "model.safetensors", two / "model" / "model.safetensors")
+    print(f"SFT max |param diff| 2 processes vs 1: {diff:.3g}")
+    assert diff <= TOL
+    trained = load_file(str(one / "model" / "model.safetensors"))
+    assert diff < 1e-2 * _moved_from_init("tiny-llama", trained)
+    # the token-mean loss, the global target count and the held-out loss are the whole batch's
+    ma, mb = read_metrics(one), read_metrics(two)
+    assert [r["step"] for r in mb] == [r["step"] for r in ma]
+    for a, b in zip(ma, mb):
+        for key in ("loss/sft", "grad_norm", "loss/sft_eval"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+        if "perf/targets" in a:
+            assert a["perf/targets"] == b["perf/targets"]
+    rng = torch.load(two / "checkpoints" / "step-00000004" / "rng.pt", weights_only=True)
+    assert sorted(rng["generators"]) == ["torch_rank0", "torch_rank1"]

@@ -16,6 +16,11 @@ packing, bucketing, padding and gradient accumulation all give the same gradient
 
 One step: ``trainer.batch_size`` examples -> ``grad_accum`` micro-batches -> forward with logits
 computed only where a target token follows -> ``sft_loss`` -> backward -> clip -> AdamW.
+
+Several processes (torchrun, accelerate launch; see ankus.distributed): a step's global batch is
+``trainer.batch_size`` examples per process, each process takes its block, and each micro-batch's
+loss is weighted by its share of the *global* target-token count, so the gradients summed over
+processes are those of one process training on the whole batch.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ankus import distributed
 from ankus.config import ModelConfig, RunConfig, TrainerConfig
 from ankus.data.batching import (Batch, BatchingMode, Example, bucketed_batches, make_batch, packing_is_exact,
                                  shuffled_batches)
@@ -458,9 +464,10 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from ankus.checkpoint import GracefulExit, NonFiniteGuard, latest_checkpoint, load_checkpoint, save_checkpoint
 
     tc, d = cfg.trainer, cfg.data
+    ds = distributed.setup()
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
-    run_dir = create_run_dir(cfg.run, "sft", cfg, exist_ok=resume)
+    run_dir = distributed.on_main(create_run_dir, cfg.run, "sft", cfg, exist_ok=resume)
 
     model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -484,7 +491,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         print(f"[sft] {cfg.model.spec} does not isolate packed sequences; using length bucketing instead")
         mode = "bucket"
 
-    before = task_eval(model, tok, cfg, seed=tc.seed) if not resume else {}
+    before = distributed.on_main(task_eval, model, tok, cfg, seed=tc.seed) if not resume else {}
     before.pop("_examples", None)
     model = maybe_apply_lora(model, cfg.method)
     model.train()
@@ -493,43 +500,51 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     start = 0
     if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
         start = load_checkpoint(ckpt, modules={"model": model}, optimizer=opt, scheduler=sched)["step"]
-        truncate_metrics(run_dir / "metrics.jsonl", start)
-        print(f"[sft] resumed from {ckpt} at step {start}")
+        distributed.restore_rank_rng(ckpt)
+        distributed.on_main(truncate_metrics, run_dir / "metrics.jsonl", start)
+        if ds.is_main:
+            print(f"[sft] resumed from {ckpt} at step {start}")
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir, step, modules={"model": model}, optimizer=opt, scheduler=sched,
-                        extra={"algorithm": "sft"}, keep_last=tc.keep_last)
+        rngs = distributed.rank_rng_states()
+        distributed.on_main(save_checkpoint, run_dir, step, modules={"model": model}, optimizer=opt, scheduler=sched,
+                            generators=rngs, extra={"algorithm": "sft"}, keep_last=tc.keep_last)
 
     lengths = [len(ex) for ex in train_ex]
-    per_epoch = math.ceil(len(train_ex) / tc.batch_size)  # both samplers cut ceil(n / batch_size) batches
+    global_batch = tc.batch_size * ds.world_size  # batch_size examples per process
+    per_epoch = math.ceil(len(train_ex) / global_batch)  # both samplers cut ceil(n / batch_size) batches
     epoch_batches: dict[int, list[list[int]]] = {}
     guard = NonFiniteGuard(tc.max_bad_steps)
-    logger = MetricsLogger(run_dir / "metrics.jsonl")
+    logger = distributed.main_only(lambda: MetricsLogger(run_dir / "metrics.jsonl"))
     if before and start == 0:
         logger.log(0, before)  # the untrained model's task eval: the first point of its curve
     metrics: dict[str, Any] = {}
     stopped = False
-    bar = tqdm(range(start, tc.total_steps), desc="sft", disable=not cfg.run.progress, initial=start,
-               total=tc.total_steps)
+    bar = tqdm(range(start, tc.total_steps), desc="sft", disable=not cfg.run.progress or not ds.is_main,
+               initial=start, total=tc.total_steps)
     with GracefulExit() as stop:
         for step in bar:
             # step -> (epoch, batch); the order depends on (seed, epoch) only, which makes resume exact
             epoch, b = divmod(step, per_epoch)
             if epoch not in epoch_batches:
-                epoch_batches = {epoch: step_batches(lengths, tc.batch_size, mode, tc.seed, epoch)}
-            indices = epoch_batches[epoch][b]
+                epoch_batches = {epoch: step_batches(lengths, global_batch, mode, tc.seed, epoch)}
+            indices = list(distributed.shard(epoch_batches[epoch][b]))  # this process's block of the batch
 
             t0 = time.perf_counter()
             micro = [make_batch([train_ex[i] for i in mb], pad_id, mode, d.pack_length)
-                     for mb in _micro_batches(indices, tc.grad_accum)]
-            n_targets = sum(int(mb.loss_mask[:, 1:].sum()) for mb in micro)
+                     for mb in (_micro_batches(indices, tc.grad_accum) if indices else [])]
+            local_targets = sum(int(mb.loss_mask[:, 1:].sum()) for mb in micro)
+            n_targets = distributed.sum_floats(local_targets)[0]  # over every process's block
             total_loss = 0.0
             for mb in micro:
                 loss, stats = sft_batch_loss(model, mb)
-                # weight each micro-batch by its share of the step's targets: the sum equals the
-                # token-level mean over the whole batch, whatever the split
+                # weight each micro-batch by its share of the step's targets: the sum (over
+                # micro-batches and processes) equals the token-level mean over the whole batch,
+                # whatever the split
                 (loss * (int(stats["tokens"]) / n_targets)).backward()
                 total_loss += float(loss.detach()) * int(stats["tokens"]) / n_targets
+            total_loss = distributed.sum_floats(total_loss)[0]
+            distributed.sync_gradients(params)
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0
                          else torch.tensor(0.0))
             if guard.check(total_loss, grad_norm):
@@ -539,20 +554,22 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             sched.step()
             dt = time.perf_counter() - t0
 
-            n_tokens = sum(mb.n_tokens for mb in micro)
+            n_tokens, n_cells = distributed.sum_floats(sum(mb.n_tokens for mb in micro),
+                                                       sum(mb.input_ids.numel() for mb in micro))
             metrics = {"loss/sft": total_loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch,
-                       "perf/tokens_per_s": n_tokens / max(dt, 1e-9), "perf/targets": n_targets,
-                       "perf/pad_fraction": 1.0 - n_tokens / sum(mb.input_ids.numel() for mb in micro),
+                       "perf/tokens_per_s": n_tokens / max(dt, 1e-9), "perf/targets": int(n_targets),
+                       "perf/pad_fraction": 1.0 - n_tokens / max(n_cells, 1.0),
                        "skipped_steps": guard.skipped}
             done = step + 1
             if cfg.method.eval_every and done % cfg.method.eval_every == 0 and eval_ex:
-                metrics["loss/sft_eval"] = evaluate_loss(model, eval_ex, pad_id, mode, d.pack_length, tc.batch_size)
+                metrics["loss/sft_eval"] = distributed.on_main(evaluate_loss, model, eval_ex, pad_id, mode,
+                                                               d.pack_length, tc.batch_size)
             if done % tc.log_every == 0 or done == tc.total_steps:
                 logger.log(done, metrics)
             bar.set_postfix(loss=f"{total_loss:.3f}", lr=f"{lr:.2e}")
             if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.total_steps:
                 checkpoint(done)
-            if stop.requested:
+            if distributed.any_rank(stop.requested):  # a signal that reached one process stops all
                 checkpoint(done)
                 stopped = True
                 print(f"[sft] stop requested: checkpoint saved at step {done}; continue with --resume")
@@ -566,20 +583,25 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         return summary
     final = {}
     if eval_ex:
-        final["loss/sft_eval"] = evaluate_loss(model, eval_ex, pad_id, mode, d.pack_length, tc.batch_size)
-    after = task_eval(model, tok, cfg, seed=tc.seed)
+        final["loss/sft_eval"] = distributed.on_main(evaluate_loss, model, eval_ex, pad_id, mode, d.pack_length,
+                                                     tc.batch_size)
+    after = distributed.on_main(task_eval, model, tok, cfg, seed=tc.seed)
     if after:
-        print("[sft] samples after training:", " | ".join(after.pop("_examples")))
+        examples_after = after.pop("_examples")
+        if ds.is_main:
+            print("[sft] samples after training:", " | ".join(examples_after))
         final.update(after)
         final.update({f"{k}_before": v for k, v in before.items()})
     if final:
         logger.log(tc.total_steps, final)
     logger.close()
     summary.update(final)
-    plot_metrics(run_dir, ["loss/sft", "loss/sft_eval", "eval/legal_fraction", "eval/vader", "perf/tokens_per_s"],
-                 title="SFT")
+    distributed.on_main(plot_metrics, run_dir,
+                        ["loss/sft", "loss/sft_eval", "eval/legal_fraction", "eval/vader", "perf/tokens_per_s"],
+                        title="SFT")
     checkpoint(tc.total_steps)
     if cfg.run.save_model:
-        save_hf_model(model, tok, run_dir / "model")
-    print("[sft] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+        distributed.on_main(save_hf_model, model, tok, run_dir / "model")
+    if ds.is_main:
+        print("[sft] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return summary
