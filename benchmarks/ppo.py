@@ -1,0 +1,353 @@
+"""ankus PPO / GRPO / RLOO vs TRL's GRPOTrainer and RLOOTrainer, side by side.
+
+    .venv/bin/python benchmarks/ppo.py                       # 1 warm-up + 2 measured iterations each
+    .venv/bin/python benchmarks/ppo.py --iters 2 --new-tokens 16 --only ankus-grpo,trl-grpo
+    .venv/bin/python benchmarks/ppo.py --extra               # also ankus-copy-all and ankus-rloo
+
+Every configuration trains SmolLM2-135M-Instruct (fp32, CPU) on the same 8 review openings
+(``review_openings("train")[:8]`` in the sentiment recipe's template, wrapped in the chat
+template), rewarded by VADER (``ankus.rewards.sentiment.sentiment_reward`` on the completion).
+One iteration = sample k=4 completions for each of 8 prompts (32 rows, at most ``--new-tokens``
+new tokens, temperature 1, no top-k/top-p, EOS ends a row), score them, compute the KL
+reference, and take **one** optimizer step on all 32 rows (AdamW, betas 0.9/0.95, eps 1e-8,
+no weight decay, constant lr, gradient clipping at 1.0, KL coefficient ``--beta``).
+
+  ankus: ``method.num_rollouts=32, samples_per_prompt=4, chunk_size=32, ppo_epochs=1``,
+         ``trainer.batch_size=32`` (one minibatch, so one step), through ``ankus.train``.
+  TRL:   ``per_device_train_batch_size=32, num_generations=4, gradient_accumulation_steps=1,
+         steps_per_generation=1, num_iterations=1`` (one generation batch of 32 = one step),
+         ``gradient_checkpointing=False`` and ``bf16=False`` (GRPOConfig turns both on by default),
+         ``optim="adamw_torch"`` (the same torch.optim.AdamW as ankus), ``loss_type="dapo"``
+         (token mean over the batch, as ankus) and ``scale_rewards="group"`` (GRPO's group std).
+
+Configurations (``--only`` takes a comma-separated list of these names):
+
+  ankus-hydra      PPO (GAE, value head), top 2 blocks train, Hydra reference (frozen copy of 2 blocks)
+  ankus-copy       the same trainable set, reference = a separate frozen copy of the whole model
+  ankus-copy-all   PPO (GAE), everything trains, separate reference          (--extra)
+  ankus-grpo       GRPO estimator, everything trains, separate reference (as TRL does)
+  ankus-rloo       RLOO estimator, everything trains, separate reference     (--extra)
+  trl-grpo         trl.GRPOTrainer, full fine-tuning, reference model (beta > 0)
+  trl-rloo         trl.RLOOTrainer, full fine-tuning, reference model (beta > 0)
+
+Each configuration runs in its own child process with ``torch.set_num_threads(--threads)``, so
+one's memory and threads cannot colour another's numbers. Reported per configuration:
+
+* s/iter: median over the iterations after the first (warm-up) of the wall time of one whole
+  iteration — rollout generation + reward + reference/behaviour log-probs + the optimizer step
+  (ankus: between consecutive metrics rows, the first from the end of the before-training
+  evaluation; TRL: between consecutive ``on_step_end`` callbacks, the first from
+  ``on_train_begin``). Model loading, ankus's before/after evaluation and TRL's trainer
+  construction are outside it;
+* gen / score / train: the parts of an iteration — sampling only; the rest of the rollout phase
+  (reward, behaviour and reference forwards, advantages); the policy forward/backward/step;
+* peak RSS: ``ru_maxrss`` of the child at its end (the whole process: Python, torch, the model,
+  the reference, optimizer state, activations), and the same minus the RSS right after the
+  policy was loaded;
+* completion length (mean new tokens per row) and mean reward, to show both sides sampled alike.
+
+TRL needs ``pip install 'trl>=1.0,<2'`` (a benchmark-only dependency; ankus never imports it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TEMPLATE = 'Continue this movie review in two sentences: "{prompt}"'  # recipes/ppo_sentiment.yaml's
+N_PROMPTS, K = 8, 4
+
+CONFIGS = {
+    "ankus-hydra": {"side": "ankus", "estimator": "gae", "reference": "hydra", "layers": 2},
+    "ankus-copy": {"side": "ankus", "estimator": "gae", "reference": "copy", "layers": 2},
+    "ankus-copy-all": {"side": "ankus", "estimator": "gae", "reference": "copy", "layers": -1},
+    "ankus-grpo": {"side": "ankus", "estimator": "grpo", "reference": "copy", "layers": -1},
+    "ankus-rloo": {"side": "ankus", "estimator": "rloo", "reference": "copy", "layers": -1},
+    "trl-grpo": {"side": "trl", "trainer": "grpo"},
+    "trl-rloo": {"side": "trl", "trainer": "rloo"},
+}
+DEFAULT = ["ankus-hydra", "ankus-copy", "ankus-grpo", "trl-grpo", "trl-rloo"]
+EXTRA = ["ankus-copy-all", "ankus-rloo"]
+
+
+def openings() -> list[str]:
+    from ankus.data.assets import review_openings
+
+    return review_openings("train")[:N_PROMPTS]
+
+
+def rss_now() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------
+# ankus
+
+
+def worker_ankus(name: str, args) -> dict:
+    import torch
+
+    import ankus
+    from ankus.data.io import write_jsonl
+    from ankus.rewards.sentiment import sentiment_reward
+    from ankus.runs import MetricsLogger
+    from ankus.trainers import ppo
+
+    spec = CONFIGS[name]
+    marks: dict[str, list] = {"loop_start": [], "iter_end": [], "score_s": [], "rows": []}
+    rss_loaded = []
+
+    # Instrument the trainer from outside (no library change): the RSS once the policy is
+    # loaded, the end of the before-training evaluation (the loop starts right after it), the
+    # end of each iteration (its metrics row) and the scoring forwards.
+    load_model, evaluate, score = ppo.load_model, ppo.evaluate, ppo._score_rollouts
+
+    def load_and_mark(*a, **k):
+        out = load_model(*a, **k)
+        rss_loaded.append(rss_now())
+        return out
+
+    def evaluate_and_mark(*a, **k):
+        out = evaluate(*a, **k)
+        marks["loop_start"].append(time.perf_counter())
+        return out
+
+    def score_and_time(*a, **k):
+        t = time.perf_counter()
+        out = score(*a, **k)
+        marks["score_s"].append(time.perf_counter() - t)
+        return out
+
+    class TimedLogger(MetricsLogger):
+        def log(self, step, metrics):
+            marks["iter_end"].append(time.perf_counter())
+            marks["rows"].append(dict(metrics))
+            super().log(step, metrics)
+
+    ppo.load_model, ppo.evaluate, ppo._score_rollouts, ppo.MetricsLogger = (
+        load_and_mark, evaluate_and_mark, score_and_time, TimedLogger)
+
+    tmp = Path(tempfile.mkdtemp(prefix="ankus-ppo-bench-"))
+    prompts = write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in openings()])
+    recipe = {
+        "algorithm": "ppo",
+        "model": {"spec": "smollm2-135m-instruct", "dtype": "float32"},
+        "data": {"prompts": str(prompts), "template": TEMPLATE, "num_eval": 2},
+        "generation": {"max_new_tokens": args.new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                       "chat_template": True},
+        "method": {"estimator": spec["estimator"], "samples_per_prompt": K, "num_rollouts": N_PROMPTS * K,
+                   "chunk_size": N_PROMPTS * K, "ppo_epochs": 1, "init_kl_coef": args.beta,
+                   "reference": spec["reference"], "num_layers_unfrozen": spec["layers"]},
+        "trainer": {"lr": args.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
+                    "batch_size": N_PROMPTS * K, "total_steps": args.iters, "max_grad_norm": 1.0,
+                    "warmup_steps": 0, "seed": 0, "log_every": 1},
+        "run": {"out_dir": str(tmp), "name": "run", "save_model": False, "progress": False},
+    }
+    ankus.train(recipe, reward_fn=sentiment_reward)
+
+    ends = marks["loop_start"][:1] + marks["iter_end"]
+    iter_s = [b - a for a, b in zip(ends, ends[1:])]
+    rows = marks["rows"]
+    gen_s = [r["time/generate_s"] for r in rows]
+    train_s = [r["time/train_s"] for r in rows]
+    return {"name": name, "threads": torch.get_num_threads(), "iter_s": iter_s, "gen_s": gen_s,
+            "score_s": [i - g - t for i, g, t in zip(iter_s, gen_s, train_s)], "forwards_s": marks["score_s"],
+            "train_s": train_s, "length": [r["response/length"] for r in rows],
+            "reward": [r["reward/mean"] for r in rows], "trainable": rows[0]["perf/trainable_params"],
+            "peak_rss": peak_rss(), "rss_loaded": rss_loaded[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL
+
+
+def worker_trl(name: str, args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from ankus.models.loading import default_model_dir
+    from ankus.rewards.sentiment import sentiment_reward
+
+    trainer_kind = CONFIGS[name]["trainer"]
+    if trainer_kind == "grpo":
+        from trl import GRPOConfig as TRLConfig, GRPOTrainer as TRLTrainer
+    else:
+        from trl import RLOOConfig as TRLConfig, RLOOTrainer as TRLTrainer
+
+    model_dir = str(default_model_dir())
+    # The policy from the same cached HF directory ankus loads; TRL builds its reference model
+    # from config._name_or_path, i.e. this directory again.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rss_loaded = rss_now()
+    # conversational prompts: TRL applies the chat template (add_generation_prompt), as ankus does
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": TEMPLATE.format(prompt=p)}]}
+                            for p in openings()])
+
+    def vader(prompts, completions, **kwargs) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return sentiment_reward(texts, prompts=None, outputs=texts)
+
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix=f"trl-{trainer_kind}-bench-"), use_cpu=True, bf16=False, fp16=False,
+        gradient_checkpointing=False, per_device_train_batch_size=N_PROMPTS * K, gradient_accumulation_steps=1,
+        num_generations=K, steps_per_generation=1, num_iterations=1, max_completion_length=args.new_tokens,
+        temperature=1.0, top_k=0, top_p=1.0, beta=args.beta, epsilon=0.2, max_steps=args.iters,
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
+        logging_steps=1, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
+        disable_tqdm=True, disable_dropout=True,
+    )
+    if trainer_kind == "grpo":
+        common.update(loss_type="dapo", scale_rewards="group")
+    config = TRLConfig(**common)
+
+    ends: list[float] = []
+
+    class Times(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            ends.append(time.perf_counter())
+
+    trainer = TRLTrainer(model=model, reward_funcs=vader, args=config, train_dataset=ds, processing_class=tok,
+                         callbacks=[Times()])
+    timings: dict[str, list[float]] = {"gen_s": [], "rollout_s": []}
+
+    def timed(method, key):
+        def run(*a, **k):
+            t = time.perf_counter()
+            try:
+                return method(*a, **k)
+            finally:
+                timings[key].append(time.perf_counter() - t)
+        return run
+
+    trainer._generate = timed(trainer._generate, "gen_s")
+    trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions, "rollout_s")
+    trainer.train()
+
+    iter_s = [b - a for a, b in zip(ends, ends[1:])]
+    logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"name": name, "threads": torch.get_num_threads(), "iter_s": iter_s, "gen_s": timings["gen_s"],
+            "score_s": [r - g for r, g in zip(timings["rollout_s"], timings["gen_s"])],
+            "train_s": [i - r for i, r in zip(iter_s, timings["rollout_s"])],
+            "length": [h["completions/mean_length"] for h in logs], "reward": [h.get("reward") for h in logs],
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "ref_model": getattr(trainer, "ref_model", None) is not None,
+            "grad_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
+            "peak_rss": peak_rss(), "rss_loaded": rss_loaded}
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def run_worker(name: str, argv: list[str]) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", name, *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+    print(f"  {name:15s} FAILED (exit {proc.returncode}; its output is above, on stderr)", flush=True)
+    return None
+
+
+def median_after_warmup(xs: list[float], warmup: int) -> float:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs[warmup:] or xs) if xs else float("nan")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--iters", type=int, default=3, help="iterations (optimizer steps) per configuration")
+    p.add_argument("--warmup", type=int, default=1, help="first iterations left out of the medians")
+    p.add_argument("--new-tokens", type=int, default=32, help="max new tokens per completion")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (all configurations)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in every worker")
+    p.add_argument("--only", help="comma-separated configuration names (see the module docstring)")
+    p.add_argument("--extra", action="store_true", help="also run " + ", ".join(EXTRA))
+    p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        side = CONFIGS[args.worker]["side"]
+        result = (worker_ankus if side == "ankus" else worker_trl)(args.worker, args)
+        print("RESULT " + json.dumps(result))
+        return
+
+    names = args.only.split(",") if args.only else DEFAULT + (EXTRA if args.extra else [])
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
+    argv = ["--iters", str(args.iters), "--new-tokens", str(args.new_tokens), "--lr", str(args.lr),
+            "--beta", str(args.beta), "--threads", str(args.threads)]
+    rows = N_PROMPTS * K
+    print(f"PPO-family benchmark: SmolLM2-135M-Instruct fp32, {N_PROMPTS} prompts x k={K} = {rows} completions/iter, "
+          f"<= {args.new_tokens} new tokens, 1 optimizer step/iter, lr {args.lr}, beta {args.beta}, "
+          f"{args.iters} iters ({args.warmup} warm-up), {args.threads} threads, CPU ({os.cpu_count()} cores, "
+          f"load {' '.join(f'{x:.1f}' for x in os.getloadavg())})", flush=True)
+    head = (f"  {'config':15s} {'s/iter':>7s} {'gen':>6s} {'score':>6s} {'train':>6s} {'rows/s':>7s} "
+            f"{'peak RSS':>9s} {'+loaded':>8s} {'len':>5s} {'reward':>7s} {'trainable':>10s}")
+    print(head, flush=True)
+    results = {}
+    for name in names:
+        t0 = time.perf_counter()
+        r = run_worker(name, argv)
+        if r is None:  # reported; the other configurations still run
+            continue
+        r["wall_s"] = time.perf_counter() - t0
+        r["median_iter_s"] = med = median_after_warmup(r["iter_s"], args.warmup)
+        parts = {k: median_after_warmup(r[k], args.warmup) for k in ("gen_s", "score_s", "train_s")}
+        results[name] = r
+        print(f"  {name:15s} {med:7.2f} {parts['gen_s']:6.2f} {parts['score_s']:6.2f} {parts['train_s']:6.2f} "
+              f"{rows / med:7.2f} {r['peak_rss'] / 2**20:6.0f} MB {(r['peak_rss'] - r['rss_loaded']) / 2**20:5.0f} MB "
+              f"{statistics.mean(r['length']):5.1f} {statistics.mean(x for x in r['reward'] if x is not None):+7.3f} "
+              f"{r['trainable'] / 1e6:9.1f}M", flush=True)
+        print(f"  {'':15s} iterations: {' '.join(f'{t:.2f}' for t in r['iter_s'])}   "
+              f"(child wall {r['wall_s']:.0f} s, threads {r['threads']})", flush=True)
+
+    def ratio(label: str, num: str, den: str, fn, goal: str) -> None:
+        if num in results and den in results:
+            print(f"  {label}: {fn(results[num], results[den]):.2f}x   (goal {goal})")
+
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    ratio("ankus GRPO throughput / TRL GRPO throughput", "ankus-grpo", "trl-grpo",
+          lambda a, t: t["median_iter_s"] / a["median_iter_s"], ">= 1.5x")
+    ratio("ankus RLOO throughput / TRL RLOO throughput", "ankus-rloo", "trl-rloo",
+          lambda a, t: t["median_iter_s"] / a["median_iter_s"], "none set")
+    ratio("Hydra peak RSS / separate-reference peak RSS (whole process)", "ankus-hydra", "ankus-copy",
+          lambda h, c: h["peak_rss"] / c["peak_rss"], "<= 0.7x")
+    ratio("Hydra / separate reference, peak RSS above the loaded model", "ankus-hydra", "ankus-copy",
+          lambda h, c: (h["peak_rss"] - h["rss_loaded"]) / (c["peak_rss"] - c["rss_loaded"]), "<= 0.7x")
+    ratio("Hydra s/iter / separate-reference s/iter", "ankus-hydra", "ankus-copy",
+          lambda h, c: h["median_iter_s"] / c["median_iter_s"], "none set")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
