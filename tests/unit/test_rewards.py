@@ -188,3 +188,11 @@ def test_mention_rate_hand_counted():
         mention_rate([], [])
     with pytest.raises(TypeError):
         mention_rate("a text", [["a"]])
+
+
+def test_model_reward_spec_points_to_a_reward_model_run(tmp_path):
+    from ankus import ModelLoadError
+    from ankus.rewards import get_reward_fn
+
+    with pytest.raises(ModelLoadError, match="no trained reward model.*rm_synthetic"):
+        get_reward_fn(f"model:{tmp_path}")

@@ -52,6 +52,7 @@ def get_reward_fn(name_or_path: str, **kwargs) -> RewardFn:
     """Resolve a reward function.
 
     * A built-in name (``sentiment``, ``randomwalks``): ``kwargs`` go to its factory.
+    * ``"model:<run dir>"``: a reward model trained by ``algorithm: reward_model``.
     * ``"package.module:function"``: the callable is imported; ``kwargs``, if any, are bound
       with :func:`functools.partial` (so they reach the function as keyword arguments).
     """
@@ -59,6 +60,10 @@ def get_reward_fn(name_or_path: str, **kwargs) -> RewardFn:
         raise RewardError(f"reward: expected a name or 'module:function', got {name_or_path!r}")
     if name_or_path in REWARD_FNS:
         return REWARD_FNS[name_or_path](**kwargs)
+    if name_or_path.startswith("model:"):  # before 'module:function', which it would look like
+        from ankus.rewards.model import reward_model_fn
+
+        return reward_model_fn(name_or_path[len("model:"):], **kwargs)
     if ":" not in name_or_path:
         raise RewardError(f"unknown reward '{name_or_path}': built-ins are {sorted(REWARD_FNS)}; "
                           "or give an importable 'package.module:function'")
