@@ -108,7 +108,8 @@ def worker_ankus(name: str, args) -> dict:
     from ankus.trainers import ppo
 
     spec = CONFIGS[name]
-    marks: dict[str, list] = {"loop_start": [], "iter_end": [], "score_s": [], "rows": []}
+    marks: dict[str, list] = {"loop_start": [], "iter_end": [], "cpu_start": [], "cpu_end": [], "score_s": [],
+                              "rows": []}
     rss_loaded = []
 
     # Instrument the trainer from outside (no library change): the RSS once the policy is
@@ -124,6 +125,7 @@ def worker_ankus(name: str, args) -> dict:
     def evaluate_and_mark(*a, **k):
         out = evaluate(*a, **k)
         marks["loop_start"].append(time.perf_counter())
+        marks["cpu_start"].append(time.process_time())
         return out
 
     def score_and_time(*a, **k):
@@ -135,6 +137,7 @@ def worker_ankus(name: str, args) -> dict:
     class TimedLogger(MetricsLogger):
         def log(self, step, metrics):
             marks["iter_end"].append(time.perf_counter())
+            marks["cpu_end"].append(time.process_time())
             marks["rows"].append(dict(metrics))
             super().log(step, metrics)
 
@@ -161,10 +164,12 @@ def worker_ankus(name: str, args) -> dict:
 
     ends = marks["loop_start"][:1] + marks["iter_end"]
     iter_s = [b - a for a, b in zip(ends, ends[1:])]
+    cpu = marks["cpu_start"][:1] + marks["cpu_end"]  # process CPU time, all threads
     rows = marks["rows"]
     gen_s = [r["time/generate_s"] for r in rows]
     train_s = [r["time/train_s"] for r in rows]
     return {"name": name, "threads": torch.get_num_threads(), "iter_s": iter_s, "gen_s": gen_s,
+            "iter_cpu_s": [b - a for a, b in zip(cpu, cpu[1:])],
             "score_s": [i - g - t for i, g, t in zip(iter_s, gen_s, train_s)], "forwards_s": marks["score_s"],
             "train_s": train_s, "length": [r["response/length"] for r in rows],
             "reward": [r["reward/mean"] for r in rows], "trainable": rows[0]["perf/trainable_params"],
@@ -218,13 +223,16 @@ def worker_trl(name: str, args) -> dict:
     config = TRLConfig(**common)
 
     ends: list[float] = []
+    cpu: list[float] = []
 
     class Times(TrainerCallback):
         def on_train_begin(self, *a, **k):
             ends.append(time.perf_counter())
+            cpu.append(time.process_time())
 
         def on_step_end(self, *a, **k):
             ends.append(time.perf_counter())
+            cpu.append(time.process_time())
 
     trainer = TRLTrainer(model=model, reward_funcs=vader, args=config, train_dataset=ds, processing_class=tok,
                          callbacks=[Times()])
@@ -246,6 +254,7 @@ def worker_trl(name: str, args) -> dict:
     iter_s = [b - a for a, b in zip(ends, ends[1:])]
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
     return {"name": name, "threads": torch.get_num_threads(), "iter_s": iter_s, "gen_s": timings["gen_s"],
+            "iter_cpu_s": [b - a for a, b in zip(cpu, cpu[1:])],
             "score_s": [r - g for r, g in zip(timings["rollout_s"], timings["gen_s"])],
             "train_s": [i - r for i, r in zip(iter_s, timings["rollout_s"])],
             "length": [h["completions/mean_length"] for h in logs], "reward": [h.get("reward") for h in logs],
@@ -310,25 +319,28 @@ def main() -> None:
           f"<= {args.new_tokens} new tokens, 1 optimizer step/iter, lr {args.lr}, beta {args.beta}, "
           f"{args.iters} iters ({args.warmup} warm-up), {args.threads} threads, CPU ({os.cpu_count()} cores, "
           f"load {' '.join(f'{x:.1f}' for x in os.getloadavg())})", flush=True)
-    head = (f"  {'config':15s} {'s/iter':>7s} {'gen':>6s} {'score':>6s} {'train':>6s} {'rows/s':>7s} "
+    head = (f"  {'config':15s} {'s/iter':>7s} {'gen':>6s} {'score':>6s} {'train':>6s} {'rows/s':>7s} {'cpu-s':>7s} "
             f"{'peak RSS':>9s} {'+loaded':>8s} {'len':>5s} {'reward':>7s} {'trainable':>10s}")
     print(head, flush=True)
     results = {}
     for name in names:
-        t0 = time.perf_counter()
+        t0, load0 = time.perf_counter(), os.getloadavg()[0]
         r = run_worker(name, argv)
         if r is None:  # reported; the other configurations still run
             continue
-        r["wall_s"] = time.perf_counter() - t0
+        r["wall_s"], r["load"] = time.perf_counter() - t0, [load0, os.getloadavg()[0]]
         r["median_iter_s"] = med = median_after_warmup(r["iter_s"], args.warmup)
+        r["median_iter_cpu_s"] = median_after_warmup(r["iter_cpu_s"], args.warmup)
         parts = {k: median_after_warmup(r[k], args.warmup) for k in ("gen_s", "score_s", "train_s")}
         results[name] = r
         print(f"  {name:15s} {med:7.2f} {parts['gen_s']:6.2f} {parts['score_s']:6.2f} {parts['train_s']:6.2f} "
-              f"{rows / med:7.2f} {r['peak_rss'] / 2**20:6.0f} MB {(r['peak_rss'] - r['rss_loaded']) / 2**20:5.0f} MB "
+              f"{rows / med:7.2f} {r['median_iter_cpu_s']:7.1f} {r['peak_rss'] / 2**20:6.0f} MB "
+              f"{(r['peak_rss'] - r['rss_loaded']) / 2**20:5.0f} MB "
               f"{statistics.mean(r['length']):5.1f} {statistics.mean(x for x in r['reward'] if x is not None):+7.3f} "
               f"{r['trainable'] / 1e6:9.1f}M", flush=True)
-        print(f"  {'':15s} iterations: {' '.join(f'{t:.2f}' for t in r['iter_s'])}   "
-              f"(child wall {r['wall_s']:.0f} s, threads {r['threads']})", flush=True)
+        print(f"  {'':15s} iterations: {' '.join(f'{t:.1f}' for t in r['iter_s'])} s, "
+              f"CPU {' '.join(f'{t:.1f}' for t in r['iter_cpu_s'])} s   (child wall {r['wall_s']:.0f} s, "
+              f"threads {r['threads']}, 1-min load {r['load'][0]:.1f} -> {r['load'][1]:.1f})", flush=True)
 
     def ratio(label: str, num: str, den: str, fn, goal: str) -> None:
         if num in results and den in results:
@@ -337,6 +349,8 @@ def main() -> None:
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     ratio("ankus GRPO throughput / TRL GRPO throughput", "ankus-grpo", "trl-grpo",
           lambda a, t: t["median_iter_s"] / a["median_iter_s"], ">= 1.5x")
+    ratio("the same in CPU seconds per iteration (less sensitive to other load)", "ankus-grpo", "trl-grpo",
+          lambda a, t: t["median_iter_cpu_s"] / a["median_iter_cpu_s"], ">= 1.5x")
     ratio("ankus RLOO throughput / TRL RLOO throughput", "ankus-rloo", "trl-rloo",
           lambda a, t: t["median_iter_s"] / a["median_iter_s"], "none set")
     ratio("Hydra peak RSS / separate-reference peak RSS (whole process)", "ankus-hydra", "ankus-copy",
