@@ -14,6 +14,12 @@ the target heads move toward the online ones by ``alpha``.
 Generation samples from ``log_softmax(logits) + β·(min_i Q̂_i − V)`` with top-k (trlX uses the
 min over the *target* heads); β = 0 is plain sampling from the LM. Evaluation sweeps β.
 
+Under several processes (torchrun, accelerate launch) each takes its block of one global batch of
+``trainer.batch_size`` x processes samples; every loss term is a mean over the global batch's
+masked steps, gradients are summed over processes (:mod:`ankus.distributed`), so every replica
+takes the same step and the Polyak sync of the target heads, a function of the (identical)
+online heads, stays identical too. Rank 0 evaluates and writes the run directory.
+
 Loss math lives in ankus.losses.ilql; this file only prepares data and wires it together.
 """
 
@@ -29,6 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from ankus import distributed
 from ankus.config import ModelConfig, RunConfig, TrainerConfig
 from ankus.generation.engine import (GenerationConfig, GenerationOutput, encode_prompts, eos_token_ids, left_pad,
                                      sample_tokens, token_logps)
@@ -334,10 +341,15 @@ def train_step(model, heads: ILQLHeads, batch: dict[str, Tensor], opt: torch.opt
                scheduler=None, guard=None) -> dict[str, float]:
     """One optimizer step on ``batch`` (split into ``grad_accum`` micro-batches), then the Polyak
     sync of the target heads when ``step`` (1-based count of optimizer steps) is a multiple of
-    ``steps_for_target_q_sync``. Returns float stats; ``skipped`` = 1 when the guard refused."""
+    ``steps_for_target_q_sync``. Returns float stats; ``skipped`` = 1 when the guard refused.
+
+    Under several processes ``batch`` is this process's block of the global batch: each
+    micro-batch is weighted by its share of the *global* count of masked steps, gradients are
+    summed over processes before clipping, and the returned stats are the global batch's."""
     B = batch["input_ids"].shape[0]
-    n_total = float(batch["mask"].sum().clamp(min=1))
-    chunks = [range(s, min(B, s + math.ceil(B / grad_accum))) for s in range(0, B, math.ceil(B / grad_accum))]
+    n_total = max(distributed.sum_floats(float(batch["mask"].sum()))[0], 1.0)  # masked steps, all processes
+    size = max(1, math.ceil(B / grad_accum))
+    chunks = [range(s, min(B, s + size)) for s in range(0, B, size)]
     totals: dict[str, float] = {}
     losses = []
     for rows in chunks:
@@ -350,12 +362,17 @@ def train_step(model, heads: ILQLHeads, batch: dict[str, Tensor], opt: torch.opt
         # every term is a mean over masked steps: weighting by the share of steps gives the full-batch mean
         share = float(mask.sum()) / n_total
         (loss * share).backward()
-        losses.append(loss.detach() * share)
+        losses.append(float(loss.detach()) * share)
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + float(v) * share
+    distributed.sync_gradients(params)
+    # each process's share-weighted sums add up to the global batch's means (one collective)
+    keys = sorted(totals)
+    reduced = distributed.sum_floats(sum(losses), *(totals[k] for k in keys))
+    total_loss, totals = reduced[0], dict(zip(keys, reduced[1:]))
     grad_norm = (torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0
                  else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
-    ok = guard.check(sum(losses), grad_norm) if guard is not None else bool(torch.isfinite(grad_norm))
+    ok = guard.check(total_loss, grad_norm) if guard is not None else bool(torch.isfinite(grad_norm))
     if ok:
         opt.step()
         if scheduler is not None:
@@ -586,8 +603,9 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     m, tc = cfg.method, cfg.trainer
     if m.steps_for_target_q_sync < 1:
         raise ValueError("method.steps_for_target_q_sync must be >= 1")
+    ds = distributed.setup()
     torch.manual_seed(tc.seed)
-    run_dir = create_run_dir(cfg.run, "ilql", cfg, exist_ok=resume)
+    run_dir = distributed.on_main(create_run_dir, cfg.run, "ilql", cfg, exist_ok=resume)
 
     model, tok = _load_lm(cfg.model)
     prompts, completions, rewards = load_samples(cfg.data)
@@ -597,7 +615,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                                     append_eos=cfg.data.append_eos)
     pad_id = tok.pad_token_id
     eval_prompts = _eval_prompts(cfg.data)
-    scorer = _eval_scorer(cfg)
+    scorer = distributed.main_only(lambda: _eval_scorer(cfg))  # rank 0 evaluates
 
     hidden_size = model.config.get_text_config().hidden_size
     vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -614,20 +632,32 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, modules=modules, optimizer=opt, scheduler=scheduler)
+        distributed.restore_rank_rng(ckpt)
         start, base = state["step"], state.get("base")
-        truncate_metrics(run_dir / "metrics.jsonl", start)
-    logger = MetricsLogger(run_dir / "metrics.jsonl")
+        distributed.on_main(truncate_metrics, run_dir / "metrics.jsonl", start)
+    logger = distributed.main_only(lambda: MetricsLogger(run_dir / "metrics.jsonl"))
     samples_path = run_dir / "eval_samples.jsonl"
 
-    def run_eval(step: int, betas: Sequence[float], tag: str) -> dict[str, float]:
+    def eval_on_main(step: int, betas: Sequence[float], tag: str) -> dict[str, float]:
         heads.eval()
-        means, rows = evaluate(policy, heads, tok, eval_prompts, cfg, betas, scorer)
-        heads.train()
+        try:
+            means, rows = evaluate(policy, heads, tok, eval_prompts, cfg, betas, scorer)
+        finally:
+            heads.train()
         logger.log(step, {f"eval/{tag}{k}": v for k, v in means.items()})
         with open(samples_path, "a", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps({"step": step, "tag": tag, **r}) + "\n")
         return means
+
+    def run_eval(step: int, betas: Sequence[float], tag: str) -> dict[str, float]:
+        # the replicas are identical: rank 0 samples, scores and writes; every rank gets the means
+        return distributed.on_main(eval_on_main, step, betas, tag)
+
+    def checkpoint(step: int) -> None:
+        rngs = distributed.rank_rng_states()  # collective: every rank's RNG, saved by rank 0
+        distributed.on_main(save_checkpoint, run_dir, step, modules=modules, optimizer=opt, scheduler=scheduler,
+                            generators=rngs, extra={"base": base}, keep_last=tc.keep_last)
 
     if base is None:  # the untrained LM (β = 0; the heads are random): the baseline to beat
         base = run_eval(0, [0.0], "base_")[_beta_key(0.0)]
@@ -636,11 +666,13 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     heads.train()
     step = start
     stopped = False
-    bar = tqdm(range(start, tc.total_steps), desc="ilql", disable=not cfg.run.progress)
+    bar = tqdm(range(start, tc.total_steps), desc="ilql", disable=not cfg.run.progress or not ds.is_main)
+    global_batch = min(tc.batch_size * ds.world_size, len(p_ids))  # batch_size samples per process
     with GracefulExit() as stop:
         for step0 in bar:
             step = step0 + 1
-            idx = _batches(len(p_ids), min(tc.batch_size, len(p_ids)), step0, tc.seed)
+            # one global batch, the same on every process; this process takes its block
+            idx = distributed.shard(_batches(len(p_ids), global_batch, step0, tc.seed))
             batch = ilql_collate([p_ids[i] for i in idx], [c_ids[i] for i in idx], [returns[i] for i in idx], pad_id)
             t0 = time.perf_counter()
             stats = train_step(policy, heads, batch, opt, params, m, step, max_grad_norm=tc.max_grad_norm,
@@ -654,10 +686,10 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 run_eval(step, cfg.eval.betas, "")
                 policy.train()
             last = step == tc.total_steps
-            if (tc.checkpoint_every and step % tc.checkpoint_every == 0 and not last) or stop.requested:
-                save_checkpoint(run_dir, step, modules=modules, optimizer=opt, scheduler=scheduler,
-                                extra={"base": base}, keep_last=tc.keep_last)
-            if stop.requested:
+            stopping = distributed.any_rank(stop.requested)  # a signal that reached one process stops all
+            if (tc.checkpoint_every and step % tc.checkpoint_every == 0 and not last) or stopping:
+                checkpoint(step)
+            if stopping:
                 stopped = True
                 break
     policy.eval()
@@ -665,14 +697,14 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     logger.close()
     keys = ["loss", "loss/q", "loss/v", "loss/cql", "loss/awac", "values/advantage"]
     keys += [f"eval/{_beta_key(b)}" for b in cfg.eval.betas]
-    plot_metrics(run_dir, keys, title="ILQL")
+    distributed.on_main(plot_metrics, run_dir, keys, title="ILQL")
     if cfg.run.save_model and not stopped:
-        save_ilql(policy, heads, tok, run_dir / "model")
+        distributed.on_main(save_ilql, policy, heads, tok, run_dir / "model")
     wall = time.perf_counter() - t_start
     summary = {"run_dir": str(run_dir), "steps": step, "base": base, "eval": final, "wall_time_s": wall,
                "stopped_early": stopped, "skipped_steps": guard.skipped}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if final:
+    distributed.on_main((run_dir / "summary.json").write_text, json.dumps(summary, indent=2))
+    if final and ds.is_main:
         sweep = "  ".join(f"{k}: {v:+.3f}" for k, v in final.items())
         print(f"\nILQL: base {base:+.3f}   {sweep}   ({wall:.0f} s)   run: {run_dir}")
     return summary

@@ -8,6 +8,10 @@ pairwise accuracy on held-out pairs is the metric.
 
 Chosen and rejected responses of a step go through the trunk in one forward (packed end to end,
 or bucketed by length), and the saved run serves as a PPO reward: ``reward: model:<run dir>``.
+
+Under several processes (torchrun, accelerate launch) each takes its block of one global batch of
+``trainer.batch_size`` x processes pairs; gradients are summed over processes (see
+:mod:`ankus.distributed`), and rank 0 writes the run directory.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from ankus import distributed
 from ankus.config import ModelConfig, RunConfig, TrainerConfig
 from ankus.data.batching import BatchingMode, Example, make_batch, packing_is_exact
 from ankus.data.io import DataError
@@ -245,9 +250,10 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from ankus.checkpoint import GracefulExit, NonFiniteGuard, latest_checkpoint, load_checkpoint, save_checkpoint
 
     tc, d, m = cfg.trainer, cfg.data, cfg.method
+    ds = distributed.setup()
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
-    run_dir = create_run_dir(cfg.run, "reward_model", cfg, exist_ok=resume)
+    run_dir = distributed.on_main(create_run_dir, cfg.run, "reward_model", cfg, exist_ok=resume)
 
     trunk, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -256,7 +262,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     eval_pairs = _pair_examples(tok, eval_rows, d.max_length)
     mode: BatchingMode = d.batching
     if mode == "pack" and not packing_is_exact(trunk):
-        print(f"[reward_model] {cfg.model.spec} does not isolate packed sequences; using length bucketing instead")
+        if ds.is_main:
+            print(f"[reward_model] {cfg.model.spec} does not isolate packed sequences; using length bucketing instead")
         mode = "bucket"
 
     hidden_size = trunk.config.get_text_config().hidden_size
@@ -269,48 +276,61 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     start = 0
     if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
         start = load_checkpoint(ckpt, modules=modules, optimizer=opt, scheduler=sched)["step"]
-        truncate_metrics(run_dir / "metrics.jsonl", start)
-        print(f"[reward_model] resumed from {ckpt} at step {start}")
+        distributed.restore_rank_rng(ckpt)
+        distributed.on_main(truncate_metrics, run_dir / "metrics.jsonl", start)
+        if ds.is_main:
+            print(f"[reward_model] resumed from {ckpt} at step {start}")
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir, step, modules=modules, optimizer=opt, scheduler=sched,
-                        extra={"algorithm": "reward_model"}, keep_last=tc.keep_last)
+        rngs = distributed.rank_rng_states()  # collective: every rank's RNG, saved by rank 0
+        distributed.on_main(save_checkpoint, run_dir, step, modules=modules, optimizer=opt, scheduler=sched,
+                            generators=rngs, extra={"algorithm": "reward_model"}, keep_last=tc.keep_last)
 
-    def evaluate() -> dict[str, float]:
-        return evaluate_pairs(trunk, head, eval_pairs, pad_id, mode, d.pack_length, m.eval_batch_size)
+    def evaluate() -> dict[str, float]:  # on rank 0 only (the replicas are identical); every rank gets it
+        return distributed.on_main(evaluate_pairs, trunk, head, eval_pairs, pad_id, mode, d.pack_length,
+                                   m.eval_batch_size)
 
     before = evaluate() if eval_pairs and start == 0 else {}
     lengths = [len(c) + len(r) for c, r in train_pairs]
-    per_epoch = math.ceil(len(train_pairs) / tc.batch_size)
+    global_batch = tc.batch_size * ds.world_size  # batch_size pairs per process
+    per_epoch = math.ceil(len(train_pairs) / global_batch)
     epoch_batches: dict[int, list[list[int]]] = {}
     guard = NonFiniteGuard(tc.max_bad_steps)
-    logger = MetricsLogger(run_dir / "metrics.jsonl")
+    logger = distributed.main_only(lambda: MetricsLogger(run_dir / "metrics.jsonl"))
     if before:
         logger.log(0, before)
     stopped = False
-    bar = tqdm(range(start, tc.total_steps), desc="reward_model", disable=not cfg.run.progress, initial=start,
+    bar = tqdm(range(start, tc.total_steps), desc="reward_model", disable=not cfg.run.progress or not ds.is_main, initial=start,
                total=tc.total_steps)
     with GracefulExit() as stop:
         for step in bar:
             epoch, b = divmod(step, per_epoch)  # the order is a function of (seed, epoch): resume is exact
             if epoch not in epoch_batches:
-                epoch_batches = {epoch: step_batches(lengths, tc.batch_size, mode, tc.seed, epoch)}
-            indices = epoch_batches[epoch][b]
+                epoch_batches = {epoch: step_batches(lengths, global_batch, mode, tc.seed, epoch)}
+            n_global = len(epoch_batches[epoch][b])
+            indices = list(distributed.shard(epoch_batches[epoch][b]))  # this process's block of the batch
 
             t0 = time.perf_counter()
             n_micro = max(1, min(tc.grad_accum, len(indices)))
-            size = math.ceil(len(indices) / n_micro)
-            sums: dict[str, float] = {}
+            size = max(1, math.ceil(len(indices) / n_micro))
+            rewards_c, rewards_r = [torch.zeros(0)], [torch.zeros(0)]
             n_tokens = 0
             for s in range(0, len(indices), size):
                 pairs = [train_pairs[i] for i in indices[s:s + size]]
                 chosen, rejected = pair_rewards(trunk, head, pairs, pad_id, mode, d.pack_length)
-                loss, stats = bradley_terry_loss(chosen, rejected, m.margin or None)
-                # the loss is a mean over pairs: weight each micro-batch by its share of the pairs
-                (loss * len(pairs) / len(indices)).backward()
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(pairs) / len(indices)
+                loss, _ = bradley_terry_loss(chosen, rejected, m.margin or None)
+                # the loss is a mean over pairs: weight each micro-batch by its share of the global
+                # batch, so the gradients summed over micro-batches and processes are the batch mean's
+                (loss * len(pairs) / n_global).backward()
+                rewards_c.append(chosen.detach().float().cpu())
+                rewards_r.append(rejected.detach().float().cpu())
                 n_tokens += sum(len(c) + len(r) for c, r in pairs)
+            distributed.sync_gradients(params)
+            # statistics of the whole global batch, from every process's rewards (in rank order)
+            chosen_all = distributed.all_gather_cat(torch.cat(rewards_c))
+            rejected_all = distributed.all_gather_cat(torch.cat(rewards_r))
+            sums = {k: float(v) for k, v in bradley_terry_loss(chosen_all, rejected_all, m.margin or None)[1].items()}
+            n_tokens = int(distributed.sum_floats(n_tokens)[0])
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0
                          else torch.tensor(0.0))
             if guard.check(sums["loss/rm"], grad_norm):
@@ -330,7 +350,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             bar.set_postfix(loss=f"{sums['loss/rm']:.3f}", acc=f"{sums['reward/accuracy']:.2f}")
             if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.total_steps:
                 checkpoint(done)
-            if stop.requested:
+            if distributed.any_rank(stop.requested):  # a signal that reached one process stops all
                 checkpoint(done)
                 stopped = True
                 print(f"[reward_model] stop requested: checkpoint saved at step {done}; continue with --resume")
@@ -348,7 +368,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         logger.log(tc.total_steps, after)
     logger.close()
     summary.update(after)
-    plot_metrics(run_dir, ["loss/rm", "reward/accuracy", "eval/accuracy", "reward/margin"], title="Reward model")
+    distributed.on_main(plot_metrics, run_dir, ["loss/rm", "reward/accuracy", "eval/accuracy", "reward/margin"], title="Reward model")
     checkpoint(tc.total_steps)
     if cfg.run.save_model:
         meta = {"format": FORMAT, "head": "ValueHead", "hidden_size": hidden_size,
@@ -357,7 +377,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 "max_length": d.max_length, "score_mean": after.get("eval/score_mean", 0.0),
                 "score_std": after.get("eval/score_std", 1.0), "eval_accuracy": after.get("eval/accuracy"),
                 "trained_from": cfg.model.spec}
-        save_reward_model(trunk, head, tok, run_dir / "model", meta)
-    print("[reward_model] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in summary.items()))
+        distributed.on_main(save_reward_model, trunk, head, tok, run_dir / "model", meta)
+    if ds.is_main:
+        print("[reward_model] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in summary.items()))
     return summary
