@@ -19,6 +19,7 @@ set, so plain OpenAI-compatible servers see a plain request.
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -130,7 +131,11 @@ class HTTPChat:
             raise ChatError(f"{self.base_url}{path} answered HTTP {e.code}: {detail}") from None
         except urllib.error.URLError as e:
             raise ChatError(f"cannot reach {self.base_url}{path}: {e.reason}. Is the server running?") from None
-        except json.JSONDecodeError:
+        except TimeoutError:
+            raise ChatError(f"{self.base_url}{path} did not answer within {self.timeout:g} s") from None
+        except (OSError, http.client.HTTPException) as e:  # reset or dropped connection mid-answer
+            raise ChatError(f"{self.base_url}{path}: the connection failed: {type(e).__name__}: {e}") from None
+        except ValueError:  # bad JSON or bad UTF-8
             raise ChatError(f"{self.base_url}{path} did not answer with JSON") from None
 
     def request_body(self, messages: Conversation, config: GenerationConfig,
@@ -150,6 +155,8 @@ class HTTPChat:
             body["guidance_scale"] = config.guidance_scale
             if negative is not None:
                 body["negative_messages"] = check_conversation(negative, "negative conversation")
+            elif config.negative_prompt is not None:  # raw text, as LocalChat's engine reads it
+                body["negative_prompt"] = config.negative_prompt
         return body
 
     def chat(self, conversations: Sequence[Conversation], config: GenerationConfig | None = None,
@@ -159,14 +166,19 @@ class HTTPChat:
             raise ValueError(f"got {len(negative)} negative conversations for {len(conversations)} conversations")
         bodies = [self.request_body(c, config, negative[i] if negative is not None else None)
                   for i, c in enumerate(conversations)]
+        if config.max_new_tokens == 0:  # as LocalChat; OpenAI servers refuse max_tokens=0
+            return [""] * len(bodies)
 
         def one(body: dict) -> str:
             answer = self._post("/chat/completions", body)
             try:
-                return str(answer["choices"][0]["message"]["content"]).strip()
+                content = answer["choices"][0]["message"]["content"]
             except (KeyError, IndexError, TypeError):
-                raise ChatError(f"{self.base_url}/chat/completions: no choices[0].message.content in "
-                                f"{json.dumps(answer)[:300]}") from None
+                content = None
+            if not isinstance(content, str):  # e.g. a tool call, whose content is null
+                raise ChatError(f"{self.base_url}/chat/completions: no choices[0].message.content string in "
+                                f"{json.dumps(answer)[:300]}")
+            return content.strip()
 
         with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
             return list(pool.map(one, bodies))

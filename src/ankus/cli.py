@@ -1,4 +1,4 @@
-"""The ``ankus`` command line: ``models``, ``generate``, ``train``, ``demo``.
+"""The ``ankus`` command line: ``models``, ``generate``, ``train``, ``serve``, ``demo``.
 
 Trainers are named in a plain dict from algorithm name to ``module:function``; a trainer module
 exposes ``Config`` (its schema) and ``train(cfg, **kwargs)``. Modules import lazily, so
@@ -125,6 +125,26 @@ def cmd_make_sentiment_dataset(args) -> int:
     return run(args)
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from ankus.serve import ServeError, serve
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        serve(args.model, args.host, args.port, served_name=args.served_name, device=device,
+              api_key=args.api_key or os.environ.get("ANKUS_API_KEY") or None,
+              batch_size=args.batch_size, seed=args.seed, quiet=args.quiet)
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The README's main job: PPO on SmolLM2 for positive movie reviews."""
     run_recipe("ppo_sentiment", overrides=args.overrides)
@@ -179,6 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-prompts", type=int, default=0, help="first N openings only; 0 = all")
     p.set_defaults(func=cmd_make_sentiment_dataset)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over a model (/v1/chat/completions...)",
+                       description="Serve a model over HTTP with OpenAI's API: GET /v1/models, "
+                                   "POST /v1/chat/completions, POST /v1/completions (no streaming). "
+                                   "Extensions: top_k, guidance_scale, negative_prompt, negative_messages.")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model spec (see `ankus models`)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    p.add_argument("--served-name", help="the model id clients see in /v1/models (default: the spec)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request "
+                   "(default: $ANKUS_API_KEY if set)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1...; auto = cuda when available")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward within one request")
+    p.add_argument("--seed", type=int, help="seed for requests without one (default: random)")
+    p.add_argument("--quiet", action="store_true", help="do not log each request")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the main demo: PPO on SmolLM2 towards positive movie reviews")
     p.add_argument("overrides", nargs="*", help="dotted overrides for recipes/ppo_sentiment.yaml")
