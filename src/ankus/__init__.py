@@ -10,4 +10,6 @@ def train(recipe, reward_fn=None, overrides=None, **kwargs):
     """Run a recipe from Python, exactly as ``ankus train`` does. See :func:`ankus.cli.run_recipe`."""
     from ankus.cli import run_recipe
 
-    return run_recipe(recipe, overrides=overrides or {}, reward_fn=reward_fn, **kwargs)
+    if reward_fn is not None:  # only the PPO trainer takes one
+        kwargs["reward_fn"] = reward_fn
+    return run_recipe(recipe, overrides=overrides or {}, **kwargs)

@@ -22,6 +22,7 @@ TRAINERS: dict[str, str] = {
     "reward_model": "ankus.trainers.reward_model",
     "ilql": "ankus.trainers.ilql",
     "dpo": "ankus.trainers.dpo",
+    "dpf": "ankus.pipelines.dpf",  # the Direct Principle Feedback pipeline (data, DPO, evaluation)
 }
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -145,6 +146,15 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_dpf(args) -> int:
+    from ankus.pipelines.dpf import cli
+
+    if not getattr(args, "step", None):
+        args.dpf_parser.print_help()
+        return 0
+    return cli(args)
+
+
 def cmd_demo(args) -> int:
     """The README's main job: PPO on SmolLM2 for positive movie reviews."""
     run_recipe("ppo_sentiment", overrides=args.overrides)
@@ -215,6 +225,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for requests without one (default: random)")
     p.add_argument("--quiet", action="store_true", help="do not log each request")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("dpf", help="Direct Principle Feedback (Pink Elephants): dialogues, critique/revision, "
+                       "DPO, evaluation", description="Direct Principle Feedback, one step per command; each "
+                       "step reads and writes JSONL. Options come from a recipe (default dpf_smollm2) and dotted "
+                       "overrides, e.g. lm.spec=http://127.0.0.1:8000/v1 revision.attempts=6.")
+    p.set_defaults(func=cmd_dpf, dpf_parser=p)
+    steps = p.add_subparsers(dest="step", metavar="STEP")
+
+    def step(name: str, help: str):
+        q = steps.add_parser(name, help=help, description=help)
+        q.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. lm.spec=...")
+        q.add_argument("--recipe", default="dpf_smollm2", help="recipe whose sections set the options")
+        return q
+
+    q = step("run", "the whole pipeline into one run directory (= ankus train dpf_smollm2)")
+    q.add_argument("--resume", action="store_true", help="reuse the step outputs already in the run directory")
+    q = step("pairs", "write (X, Y) pairs of one split as JSONL")
+    q.add_argument("--split", choices=["train", "eval"], default="train")
+    q.add_argument("--limit", type=int, default=0, help="first N after a seeded shuffle; 0 = all")
+    q.add_argument("--out", required=True)
+    q = step("dialogues", "an LM writes a question leading to X; the model answers under the principle")
+    q.add_argument("--pairs", required=True, help="JSONL from `ankus dpf pairs`")
+    q.add_argument("--split", choices=["train", "eval"], default="train",
+                   help="train: answer, keep answers that mention X; eval: questions only")
+    q.add_argument("--out", required=True)
+    q = step("revise", "critique and revise each answer; write revisions and DPO pairs")
+    q.add_argument("--dialogues", required=True, help="JSONL from `ankus dpf dialogues --split train`")
+    q.add_argument("--out", required=True, help="every revision, kept or dropped, with the reason")
+    q.add_argument("--preferences", required=True, help="DPO rows (system, prompt, chosen, rejected)")
+    q = step("eval", "compare base, prompted, CFG and DPF models on held-out dialogues")
+    q.add_argument("--dialogues", required=True, help="JSONL from `ankus dpf dialogues --split eval`")
+    q.add_argument("--model", help="the DPF-trained model (a run's model/ directory); omit for baselines only")
+    q.add_argument("--out", required=True, help="directory for table.csv and eval_responses.jsonl")
 
     p = sub.add_parser("demo", help="the main demo: PPO on SmolLM2 towards positive movie reviews")
     p.add_argument("overrides", nargs="*", help="dotted overrides for recipes/ppo_sentiment.yaml")

@@ -102,6 +102,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _section_default(f: dataclasses.Field) -> Any:
+    """The default instance of a dataclass-valued field, or None."""
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    elif f.default is not dataclasses.MISSING:
+        value = f.default
+    else:
+        return None
+    return value if dataclasses.is_dataclass(value) and not isinstance(value, type) else None
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, recursively; unknown keys and bad types raise."""
     hints = typing.get_type_hints(cls)
@@ -111,6 +122,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         path = f"{where}.{key}" if where else key
         if key not in fields:
             raise ConfigError(f"unknown key '{path}'.{_closest(key, list(fields))}")
+        default = _section_default(fields[key])
+        if default is not None and isinstance(value, Mapping):
+            # a partial section keeps this config's own defaults for it (DPO's lr=5e-7, say),
+            # not the section class's generic ones
+            value = {**{f.name: getattr(default, f.name) for f in dataclasses.fields(default) if f.init}, **value}
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         return cls(**kwargs)
@@ -227,6 +243,10 @@ class TrainerConfig:
     """Resumable checkpoints kept; older ones are deleted."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a NaN/inf loss or gradient."""
+    device: typing.Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model trains: auto = this process's GPU when CUDA is there, else the CPU (PPO: CPU only for now)."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state over the processes with FSDP2 (SFT and DPO; see docs/distributed.md)."""
 
 
 @dataclasses.dataclass

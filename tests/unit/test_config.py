@@ -77,3 +77,14 @@ def test_every_schema_field_has_a_docstring():
         for f in dataclasses.fields(cls):
             after = src.split(f"    {f.name}:", 1)[1].split("\n", 2)[1].strip()
             assert after.startswith('"""'), f"{cls.__name__}.{f.name} has no docstring"
+
+
+def test_partial_section_keeps_the_configs_own_defaults():
+    """A recipe that sets only trainer.batch_size must keep DPO's lr=5e-7 and weight_decay=0,
+    not TrainerConfig's generic 3e-5 / 1e-6."""
+    from ankus.trainers.dpo import Config as DPOConfig
+
+    cfg = build(DPOConfig, {"trainer": {"batch_size": 4}})
+    assert cfg.trainer.batch_size == 4 and cfg.trainer.lr == 5e-7 and cfg.trainer.weight_decay == 0.0
+    with pytest.raises(ConfigError, match="unknown key 'trainer.bach_size'"):
+        build(DPOConfig, {"trainer": {"bach_size": 4}})
