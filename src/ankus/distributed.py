@@ -27,11 +27,18 @@ How the trainers use it (see docs/distributed.md):
 * Only the main process (rank 0) writes the run directory, metrics, plots and checkpoints
   (:func:`on_main`, :func:`main_only`); checkpoints also carry every rank's torch RNG state
   (:func:`rank_rng_states`).
+* Sharding (SFT and DPO, ``trainer.fsdp: true``): :func:`fsdp_wrap` shards parameters, gradients
+  and optimizer state with torch's FSDP2 (``fully_shard``, one unit per decoder layer plus the
+  root). FSDP then reduce-scatters the gradients itself — summed, not averaged, so the same
+  loss scaling holds and :func:`sync_gradients` is skipped; :func:`clip_grad_norm` returns the
+  global norm; :func:`checkpoint_views` and :func:`unsharded_copy` gather full state dicts for
+  checkpoints and the saved Hugging Face model. Every process must then run the same forwards.
 """
 
 from __future__ import annotations
 
 import atexit
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +53,8 @@ T = TypeVar("T")
 __all__ = ["DistState", "setup", "state", "is_main", "world_size", "rank", "all_reduce_sum", "all_reduce_max",
            "sum_floats", "any_rank", "broadcast_object", "all_gather_objects", "all_gather_cat", "shard",
            "shard_bounds", "sync_gradients", "broadcast_parameters", "weighted_stats", "on_main", "main_only",
-           "barrier", "rank_rng_states", "restore_rank_rng", "teardown"]
+           "barrier", "rank_rng_states", "restore_rank_rng", "teardown", "resolve_device", "use_fsdp",
+           "fsdp_wrap", "is_sharded", "clip_grad_norm", "checkpoint_views", "unsharded_copy"]
 
 
 @dataclass(frozen=True)
@@ -72,20 +80,27 @@ _STATE = DistState()
 _OWN_GROUP = False  # True when setup() created the process group (then teardown() destroys it)
 
 
-def setup() -> DistState:
+def _env_flag(var: str) -> bool:
+    return os.environ.get(var, "").lower() in ("1", "true")
+
+
+def setup(fsdp_ok: bool = False) -> DistState:
     """Join the process group when launched with several processes; idempotent.
 
     A group already created by the caller (or by Accelerate) is used as is. The backend string
     ``cpu:gloo,cuda:nccl`` routes each collective by its tensors' device, so trainers that keep
-    some tensors on the CPU work on GPU machines too.
+    some tensors on the CPU work on GPU machines too. A launch with an Accelerate DeepSpeed
+    configuration is refused, and so is an FSDP one unless the trainer shards (``fsdp_ok``:
+    SFT and DPO, see :func:`use_fsdp`).
     """
     global _STATE, _OWN_GROUP
     for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(var, "").lower() in ("1", "true"):
+        if _env_flag(var) and not (fsdp_ok and what == "FSDP"):
             # running replicated under a sharding config would be a silent surprise (or an OOM)
-            raise RuntimeError(f"launched with an Accelerate {what} configuration, but ankus trainers replicate the "
-                               "model on every process (data parallel) and do not shard it yet; launch with "
-                               "configs/accelerate/ddp_multigpu.yaml or torchrun (see docs/distributed.md)")
+            raise RuntimeError(f"launched with an Accelerate {what} configuration, but this trainer replicates the "
+                               "model on every process (data parallel) and does not shard it (FSDP: SFT and DPO "
+                               "only, trainer.fsdp=true); launch with configs/accelerate/ddp_multigpu.yaml or "
+                               "torchrun (see docs/distributed.md)")
     if dist.is_available() and dist.is_initialized():
         pass
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -366,3 +381,139 @@ def restore_rank_rng(checkpoint: str | Path) -> None:
     key = f"torch_rank{_STATE.rank}"
     if key in saved.get("generators", {}):
         torch.set_rng_state(saved["generators"][key])
+
+
+# ---------------------------------------------------------------------------------------------
+# device
+
+
+def resolve_device(choice: str = "auto") -> torch.device:
+    """``trainer.device``: ``auto`` = this process's GPU when CUDA is there (cuda:LOCAL_RANK),
+    else the CPU; ``cpu``; ``cuda`` (an error without CUDA). Call after :func:`setup`."""
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda, but torch sees no CUDA device (use auto or cpu)")
+    if choice not in ("auto", "cuda"):
+        raise ValueError(f"trainer.device must be auto, cpu or cuda, got {choice!r}")
+    if torch.cuda.is_available():
+        return torch.device("cuda", _STATE.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# sharding (FSDP2)
+
+
+def use_fsdp(requested: bool) -> bool:
+    """Shard when ``trainer.fsdp`` is set or the launch used an Accelerate FSDP configuration, and
+    there are several processes (one process has nothing to shard over: it trains unsharded)."""
+    return (requested or _env_flag("ACCELERATE_USE_FSDP")) and _STATE.enabled
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder blocks: the ModuleList with ``num_hidden_layers`` entries (Llama's
+    ``model.layers``, GPT-2's ``transformer.h``, GPT-NeoX's ``gpt_neox.layers``, ...)."""
+    n = model.config.get_text_config().num_hidden_layers
+    for _, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n:
+            return list(mod)
+    raise RuntimeError(f"{type(model).__name__}: found no list of {n} decoder layers to shard")
+
+
+def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard ``model`` in place over all processes with FSDP2 (``fully_shard``): each decoder layer
+    is one unit (its parameters are gathered for its forward and backward only), the rest
+    (embeddings, final norm, head; tied weights stay together) is the root unit. Gradients are
+    reduce-scattered as **sums** (divide factor 1): trainers already scale each process's loss by
+    its share of the global batch. Call before building the optimizer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (_STATE.world_size,))
+    for layer in _decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for mod in model.modules():
+        if isinstance(mod, FSDPModule):
+            mod.set_gradient_divide_factor(1.0)
+            # a plain SUM (with a divide factor FSDP would use PREMUL_SUM, which gloo lacks); a
+            # factor of 1 then scales by nothing
+            mod.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def clip_grad_norm(params: Sequence[Tensor], max_norm: float) -> Tensor:
+    """``clip_grad_norm_`` whose result is the global norm as a plain tensor (with sharded
+    parameters torch returns a DTensor); ``max_norm`` <= 0 only measures."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+class _Gathered:
+    """A sharded module or optimizer as :func:`ankus.checkpoint.save_checkpoint` and
+    ``load_checkpoint`` see it: full (unsharded) state dicts, keyed like the unsharded model's."""
+
+    def __init__(self, model, optimizer=None, state=None):
+        self.model, self.optimizer, self.state = model, optimizer, state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state, strict: bool = True):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, strict=strict)
+        if self.optimizer is None:
+            result = set_model_state_dict(self.model, state, options=options)
+            # a tied weight saved under one name only (an unsharded run's checkpoint) is not missing
+            own = dict(self.model.named_parameters())  # tied parameters appear once
+            return type(result)([k for k in result.missing_keys if k in own], result.unexpected_keys)
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=options)
+
+
+def checkpoint_views(model: torch.nn.Module, optimizer=None, gather: bool = True):
+    """``(model, optimizer)`` for save_checkpoint / load_checkpoint: themselves when ``model`` is
+    not sharded; under FSDP stand-ins that gather full state dicts (``gather``: for saving; a
+    collective, call on every process, then save on the main one) or scatter a full state dict
+    back into the shards (for loading, on every process)."""
+    if not is_sharded(model):
+        return model, optimizer
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the main process gets it all
+    model_state = get_model_state_dict(model, options=options) if gather else None
+    opt_state = get_optimizer_state_dict(model, optimizer, options=options) if gather and optimizer else None
+    return (_Gathered(model, state=model_state),
+            _Gathered(model, optimizer, state=opt_state) if optimizer is not None else None)
+
+
+def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module | None:
+    """An ordinary (unsharded, CPU) copy of a sharded model on the main process, None elsewhere;
+    ``model`` itself when it is not sharded. A collective: call on every process. For saving in
+    Hugging Face format and for evaluations that only the main process runs."""
+    if not is_sharded(model):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not _STATE.is_main:
+        return None
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclassed it
+    dtype = next(iter(state.values())).dtype
+    plain = cls(model.config).to(dtype)
+    plain.load_state_dict(state, strict=False)
+    plain.tie_weights()
+    if hasattr(model, "generation_config"):
+        plain.generation_config = model.generation_config
+    return plain.eval()

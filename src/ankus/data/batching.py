@@ -59,6 +59,13 @@ class Batch:
         """Keyword arguments for the model's forward (use with ``use_cache=False``, which packing needs)."""
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": None}
 
+    def to(self, device: torch.device | str) -> "Batch":
+        """The same batch with its tensors on ``device`` (itself when they are there already)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return Batch(self.input_ids.to(device), self.position_ids.to(device), self.loss_mask.to(device),
+                     self.last_index.to(device), self.n_tokens, self.n_examples)
+
     @property
     def pad_fraction(self) -> float:
         """Share of the (R, T) grid that is padding."""

@@ -442,7 +442,8 @@ def _sharded_reference_logps(model: nn.Module, pairs: list[Pair], pad_id: int, p
     # the blocks in rank order are ``order`` again
     index = torch.tensor(order, dtype=torch.long)
     ref_chosen, ref_rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-    ref_chosen[index], ref_rejected[index] = distributed.all_gather_cat(chosen), distributed.all_gather_cat(rejected)
+    ref_chosen[index] = distributed.all_gather_cat(chosen).cpu()
+    ref_rejected[index] = distributed.all_gather_cat(rejected).cpu()
     return ref_chosen, ref_rejected
 
 
@@ -454,11 +455,16 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
     each takes ``trainer.batch_size`` pairs of the same global batch (see ankus.distributed).
     """
     m, tc = cfg.method, cfg.trainer
-    ds = distributed.setup()
+    ds = distributed.setup(fsdp_ok=True)
+    sharded = distributed.use_fsdp(tc.fsdp)
+    if sharded and (m.lora or not m.precompute_ref):
+        raise ValueError("trainer.fsdp needs method.precompute_ref=true and method.lora=false (a live reference "
+                         "copy and LoRA adapters are not sharded)")
     torch.manual_seed(tc.seed)
     run_dir = distributed.on_main(create_run_dir, cfg.run, "dpo", cfg, exist_ok=resume)
-    if model is None:
-        model, tokenizer = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    if model is None:  # a model passed in stays on its device
+        model, tokenizer = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed,
+                                      device=distributed.resolve_device(tc.device))
     tok = tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rows = load_pairs(cfg.data.path)
@@ -488,6 +494,8 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
     else:
         ref_model = _live_reference(model, m.lora)
     t_ref = time.perf_counter() - t_ref
+    if sharded:  # after the reference pass (which each process ran on its own full copy)
+        distributed.fsdp_wrap(model)
 
     params = [p for p in model.parameters() if p.requires_grad]
     # the fused kernel updates every tensor in one pass (CPU and CUDA): a few times less optimizer time
@@ -499,7 +507,8 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
     start = 0
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
-        start = load_checkpoint(ckpt, modules={"model": model}, optimizer=opt, scheduler=sched)["step"]
+        model_view, opt_view = distributed.checkpoint_views(model, opt, gather=False)
+        start = load_checkpoint(ckpt, modules={"model": model_view}, optimizer=opt_view, scheduler=sched)["step"]
         distributed.restore_rank_rng(ckpt)
     if resume:  # metrics continue from the checkpoint without a gap or a repeat
         distributed.on_main(truncate_metrics, run_dir / "metrics.jsonl", start)
@@ -524,10 +533,11 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
             global_idx = batch_order(len(pairs), tc.batch_size * ds.world_size, step, tc.seed, cfg.data.shuffle)
             idx = list(distributed.shard(global_idx))
             metrics = _accumulate_gradients(model, pairs, idx, refs, pad_id, packing, average, cfg, len(global_idx))
-            distributed.sync_gradients(params)  # summed: each process's loss was scaled by its share
+            if not sharded:  # FSDP has reduce-scattered (summed) the gradients already
+                distributed.sync_gradients(params)  # summed: each process's loss was scaled by its share
             loss = metrics["loss"]
-            # max_norm=inf still returns the norm, which the guard checks
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
+            # max_norm <= 0 still returns the norm, which the guard checks
+            grad_norm = distributed.clip_grad_norm(params, tc.max_grad_norm)
             metrics.update(grad_norm=float(grad_norm), lr=opt.param_groups[0]["lr"])
             if guard.check(loss, grad_norm):  # raises NonFiniteError after max_bad_steps in a row
                 opt.step()
@@ -545,8 +555,9 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
             stopping = distributed.any_rank(stop.requested)  # a signal that reached one process stops all
             if stopping or done or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0):
                 rngs = distributed.rank_rng_states()
-                distributed.on_main(save_checkpoint, run_dir, step + 1, modules={"model": model}, optimizer=opt,
-                                    scheduler=sched, generators=rngs, keep_last=tc.keep_last)
+                model_view, opt_view = distributed.checkpoint_views(model, opt)  # FSDP: gathered full state
+                distributed.on_main(save_checkpoint, run_dir, step + 1, modules={"model": model_view},
+                                    optimizer=opt_view, scheduler=sched, generators=rngs, keep_last=tc.keep_last)
             if stopping:
                 if ds.is_main:
                     print(f"stopped at step {step + 1}; continue with: ankus train <recipe> run.name={run_dir.name} "
@@ -558,7 +569,8 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
                         ["loss", "rewards/margins", "rewards/accuracy", "rewards/chosen", "rewards/rejected"],
                         title=f"DPO ({m.loss_type}, beta={m.beta})")
     if cfg.run.save_model and not stopping:
-        distributed.on_main(save_hf_model, model, tok, run_dir / "model")
+        plain = distributed.unsharded_copy(model)  # FSDP: an ordinary copy on rank 0 (a collective)
+        distributed.on_main(save_hf_model, plain, tok, run_dir / "model")
     step_s = sorted(h["perf/step_s"] for h in history)
     return {
         "run_dir": str(run_dir), "steps": len(history), "pairs": len(pairs), "stopped_early": stopping,

@@ -607,7 +607,9 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     torch.manual_seed(tc.seed)
     run_dir = distributed.on_main(create_run_dir, cfg.run, "ilql", cfg, exist_ok=resume)
 
+    device = distributed.resolve_device(tc.device)
     model, tok = _load_lm(cfg.model)
+    model.to(device)
     prompts, completions, rewards = load_samples(cfg.data)
     returns = standardize_returns(rewards) if m.standardize_returns else list(rewards)
     p_ids, c_ids = tokenize_samples(tok, prompts, completions, template=cfg.data.template,
@@ -619,7 +621,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     hidden_size = model.config.get_text_config().hidden_size
     vocab_size = model.get_output_embeddings().weight.shape[0]
-    heads = ILQLHeads(hidden_size, vocab_size, two_qs=m.two_qs, alpha=m.alpha)
+    heads = ILQLHeads(hidden_size, vocab_size, two_qs=m.two_qs, alpha=m.alpha).to(device)
     policy = _prepare_trainable(model, m)
     params = [p for p in policy.parameters() if p.requires_grad] + [p for p in heads.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
@@ -674,6 +676,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             # one global batch, the same on every process; this process takes its block
             idx = distributed.shard(_batches(len(p_ids), global_batch, step0, tc.seed))
             batch = ilql_collate([p_ids[i] for i in idx], [c_ids[i] for i in idx], [returns[i] for i in idx], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
             t0 = time.perf_counter()
             stats = train_step(policy, heads, batch, opt, params, m, step, max_grad_norm=tc.max_grad_norm,
                                grad_accum=tc.grad_accum, scheduler=scheduler, guard=guard)

@@ -313,6 +313,9 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
     if m.num_rollouts % m.samples_per_prompt:
         raise ValueError("method.num_rollouts must be a multiple of method.samples_per_prompt")
     ds = distributed.setup()
+    if tc.fsdp or tc.device == "cuda":  # not yet: see docs/distributed.md (Hydra reference, per-rank decoding)
+        raise ValueError("PPO trains data parallel on the CPU for now: trainer.fsdp and trainer.device=cuda "
+                         "are not supported (docs/distributed.md)")
     _set_seed(tc.seed)
     run_dir = distributed.on_main(create_run_dir, cfg.run, "ppo", cfg, exist_ok=resume)
     if reward_fn is None and (ds.is_main or not cfg.reward.on_main):  # on_main: one copy, on rank 0

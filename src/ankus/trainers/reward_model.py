@@ -255,7 +255,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     torch.manual_seed(tc.seed)
     run_dir = distributed.on_main(create_run_dir, cfg.run, "reward_model", cfg, exist_ok=resume)
 
-    trunk, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    device = distributed.resolve_device(tc.device)
+    trunk, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed, device=device)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     train_rows, eval_rows = load_pairs(d, tc.seed)
     train_pairs = _pair_examples(tok, train_rows, d.max_length)
@@ -267,7 +268,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         mode = "bucket"
 
     hidden_size = trunk.config.get_text_config().hidden_size
-    head = ValueHead(hidden_size)  # float32 whatever the trunk's dtype (heads cast their input)
+    head = ValueHead(hidden_size).to(device)  # float32 whatever the trunk's dtype (heads cast their input)
     trunk = maybe_apply_lora(trunk, m)
     trunk.train()
     params = [p for p in trunk.parameters() if p.requires_grad] + list(head.parameters())

@@ -300,6 +300,7 @@ def sft_batch_loss(model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.T
     next token) pair is handed to ``sft_loss`` as a two-token sequence [context, target], whose
     shift then scores exactly ``logits[t]`` against ``token[t + 1]``.
     """
+    batch = batch.to(next(model.parameters()).device)
     keep = batch.loss_mask[:, 1:].any(0).nonzero().squeeze(1)  # (K,) positions t with a target at t + 1
     out = model(**batch.model_inputs(), logits_to_keep=keep, use_cache=False)
     logits = out.logits  # (R, K, V): logits[:, j] predicts the token at keep[j] + 1
@@ -438,12 +439,22 @@ def sentiment_eval(model, tok, data: SFTData, ev: "SFTEval", seed: int = 0) -> d
     return {"vader": sum(scores) / len(scores), "_examples": texts[:4]}
 
 
-def task_eval(model, tok, cfg: "Config", seed: int) -> dict[str, Any]:
-    """The configured sampling eval, as ``eval/<metric>`` (plus ``_examples``); {} when off."""
+def _eval_task(cfg: "Config") -> str:
     task = cfg.eval.task
     if task == "auto":
         task = "randomwalks" if cfg.data.name == "randomwalks" else "none"
-    if task == "none" or not cfg.eval.samples_per_prompt:
+    return "none" if not cfg.eval.samples_per_prompt else task
+
+
+def task_eval_on(cfg: "Config") -> bool:
+    """Whether a sampling eval is configured."""
+    return _eval_task(cfg) != "none"
+
+
+def task_eval(model, tok, cfg: "Config", seed: int) -> dict[str, Any]:
+    """The configured sampling eval, as ``eval/<metric>`` (plus ``_examples``); {} when off."""
+    task = _eval_task(cfg)
+    if task == "none":
         return {}
     was_training = model.training
     model.eval()
@@ -464,12 +475,17 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from ankus.checkpoint import GracefulExit, NonFiniteGuard, latest_checkpoint, load_checkpoint, save_checkpoint
 
     tc, d = cfg.trainer, cfg.data
-    ds = distributed.setup()
+    ds = distributed.setup(fsdp_ok=True)
+    device = distributed.resolve_device(tc.device)
+    sharded = distributed.use_fsdp(tc.fsdp)
+    if sharded and cfg.method.lora:
+        raise ValueError("trainer.fsdp with method.lora is not supported: LoRA adapters are small, train them data "
+                         "parallel (trainer.fsdp=false)")
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     run_dir = distributed.on_main(create_run_dir, cfg.run, "sft", cfg, exist_ok=resume)
 
-    model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed, device=device)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rows = load_rows(d)
     examples = []
@@ -494,12 +510,18 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     before = distributed.on_main(task_eval, model, tok, cfg, seed=tc.seed) if not resume else {}
     before.pop("_examples", None)
     model = maybe_apply_lora(model, cfg.method)
+    if sharded:  # FSDP2: every process holds 1/N of each layer; before the optimizer sees the parameters
+        distributed.fsdp_wrap(model)
+    # under FSDP every process must run the same forwards, so what rank 0 alone ran (evaluations)
+    # runs on every process there
+    on_main_or_all = (lambda fn, *a, **k: fn(*a, **k)) if sharded else distributed.on_main
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, tc, cfg.method.lr_schedule, cfg.method.min_lr_ratio)
     start = 0
     if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        start = load_checkpoint(ckpt, modules={"model": model}, optimizer=opt, scheduler=sched)["step"]
+        model_view, opt_view = distributed.checkpoint_views(model, opt, gather=False)
+        start = load_checkpoint(ckpt, modules={"model": model_view}, optimizer=opt_view, scheduler=sched)["step"]
         distributed.restore_rank_rng(ckpt)
         distributed.on_main(truncate_metrics, run_dir / "metrics.jsonl", start)
         if ds.is_main:
@@ -507,8 +529,9 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     def checkpoint(step: int) -> None:
         rngs = distributed.rank_rng_states()
-        distributed.on_main(save_checkpoint, run_dir, step, modules={"model": model}, optimizer=opt, scheduler=sched,
-                            generators=rngs, extra={"algorithm": "sft"}, keep_last=tc.keep_last)
+        model_view, opt_view = distributed.checkpoint_views(model, opt)  # FSDP: full state dicts, gathered
+        distributed.on_main(save_checkpoint, run_dir, step, modules={"model": model_view}, optimizer=opt_view,
+                            scheduler=sched, generators=rngs, extra={"algorithm": "sft"}, keep_last=tc.keep_last)
 
     lengths = [len(ex) for ex in train_ex]
     global_batch = tc.batch_size * ds.world_size  # batch_size examples per process
@@ -533,6 +556,10 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             t0 = time.perf_counter()
             micro = [make_batch([train_ex[i] for i in mb], pad_id, mode, d.pack_length)
                      for mb in (_micro_batches(indices, tc.grad_accum) if indices else [])]
+            if sharded:  # a process with fewer micro-batches runs zero-weighted ones: FSDP needs equal forwards
+                n_micro = int(distributed.all_reduce_max(torch.tensor([float(len(micro))]))[0])
+                filler = make_batch([train_ex[0]], pad_id, mode, d.pack_length)
+                pad_micro = [filler] * (n_micro - len(micro))
             local_targets = sum(int(mb.loss_mask[:, 1:].sum()) for mb in micro)
             n_targets = distributed.sum_floats(local_targets)[0]  # over every process's block
             total_loss = 0.0
@@ -543,9 +570,12 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 # whatever the split
                 (loss * (int(stats["tokens"]) / n_targets)).backward()
                 total_loss += float(loss.detach()) * int(stats["tokens"]) / n_targets
+            for mb in (pad_micro if sharded else []):
+                (sft_batch_loss(model, mb)[0] * 0.0).backward()
             total_loss = distributed.sum_floats(total_loss)[0]
-            distributed.sync_gradients(params)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0
+            if not sharded:  # FSDP has reduce-scattered (summed) the gradients already
+                distributed.sync_gradients(params)
+            grad_norm = (distributed.clip_grad_norm(params, tc.max_grad_norm) if tc.max_grad_norm > 0
                          else torch.tensor(0.0))
             if guard.check(total_loss, grad_norm):
                 opt.step()
@@ -562,8 +592,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                        "skipped_steps": guard.skipped}
             done = step + 1
             if cfg.method.eval_every and done % cfg.method.eval_every == 0 and eval_ex:
-                metrics["loss/sft_eval"] = distributed.on_main(evaluate_loss, model, eval_ex, pad_id, mode,
-                                                               d.pack_length, tc.batch_size)
+                metrics["loss/sft_eval"] = on_main_or_all(evaluate_loss, model, eval_ex, pad_id, mode,
+                                                          d.pack_length, tc.batch_size)
             if done % tc.log_every == 0 or done == tc.total_steps:
                 logger.log(done, metrics)
             bar.set_postfix(loss=f"{total_loss:.3f}", lr=f"{lr:.2e}")
@@ -583,9 +613,11 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         return summary
     final = {}
     if eval_ex:
-        final["loss/sft_eval"] = distributed.on_main(evaluate_loss, model, eval_ex, pad_id, mode, d.pack_length,
-                                                     tc.batch_size)
-    after = distributed.on_main(task_eval, model, tok, cfg, seed=tc.seed)
+        final["loss/sft_eval"] = on_main_or_all(evaluate_loss, model, eval_ex, pad_id, mode, d.pack_length,
+                                                tc.batch_size)
+    # FSDP: rank 0 gets an ordinary copy of the trained model (gathered) to sample from and to save
+    plain = distributed.unsharded_copy(model) if sharded and (cfg.run.save_model or task_eval_on(cfg)) else model
+    after = distributed.on_main(task_eval, plain, tok, cfg, seed=tc.seed)
     if after:
         examples_after = after.pop("_examples")
         if ds.is_main:
@@ -601,7 +633,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                         title="SFT")
     checkpoint(tc.total_steps)
     if cfg.run.save_model:
-        distributed.on_main(save_hf_model, model, tok, run_dir / "model")
+        distributed.on_main(save_hf_model, plain, tok, run_dir / "model")
     if ds.is_main:
         print("[sft] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return summary
