@@ -119,3 +119,72 @@ def test_reward_failure_before_training_names_the_eval_batch(tmp_path):
 def test_grpo_needs_several_samples(tmp_path):
     with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
         ankus.train(_recipe(tmp_path, method={"estimator": "grpo"}), reward_fn=length_reward)
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt-neox"])
+def test_trunk_cache_gives_the_full_forward_and_its_gradients(spec):
+    # Hydra's PPO steps run only the top blocks from the scoring forward's hidden state at the
+    # split: logits, values and the trainable parameters' gradients equal a full forward's.
+    from ankus.models.hydra import freeze_for_hydra
+    from ankus.trainers.ppo import TrunkCache
+
+    model, _ = load_model(spec, seed=3)
+    freeze_for_hydra(model, 2)
+    head = ValueHead(model.config.hidden_size)
+    prompt = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])  # left padded
+    pmask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    resp = torch.tensor([[20, 21, 0], [23, 24, 2]])  # right padded
+    ids = torch.cat([prompt, resp], 1)
+    am = torch.cat([pmask, torch.tensor([[1, 1, 0], [1, 1, 1]])], 1)
+    with torch.no_grad():
+        _, _, hidden = policy_forward(model, head, ids, am, n_resp=3, need_hidden_at=2)
+    trunk = TrunkCache(model, split_index=2)
+
+    def grads(logits, values):
+        params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+        loss = logits.log_softmax(-1)[..., :50].sum() + values.pow(2).sum()
+        return torch.autograd.grad(loss, params)
+
+    full_logits, full_values, _ = policy_forward(model, head, ids, am, n_resp=3)
+    cached_logits, cached_values = trunk.forward(head, hidden, am, n_resp=3)
+    assert torch.allclose(cached_logits, full_logits, atol=1e-5)
+    assert torch.allclose(cached_values, full_values, atol=1e-5)
+    for a, b in zip(grads(full_logits, full_values), grads(cached_logits, cached_values)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_hydra_with_and_without_the_trunk_cache_train_alike(tmp_path):
+    ends = []
+    for cache in (True, False):
+        method = {"estimator": "gae", "reference": "hydra", "cache_trunk": cache}
+        ankus.train(_recipe(tmp_path / str(cache), method=method), reward_fn=length_reward)
+        ends.append(AutoModelForCausalLM.from_pretrained(tmp_path / str(cache) / "r" / "model").state_dict())
+    diff = max(float((ends[0][n] - ends[1][n]).abs().max()) for n in ends[0])
+    assert diff < 1e-4, diff
+
+
+def test_eval_summary_standard_errors_are_over_prompts_and_paired():
+    from ankus.trainers.ppo import eval_summary
+
+    # 3 prompts x 2 samples; prompt means before 0, 0.5, 1 and after 0.5, 0.5, 2
+    before = [{"prompt": p, "score": s} for p, s in
+              [("a", -1.0), ("a", 1.0), ("b", 0.5), ("b", 0.5), ("c", 1.0), ("c", 1.0)]]
+    after = [{"prompt": p, "score": s} for p, s in
+             [("a", 0.0), ("a", 1.0), ("b", 0.0), ("b", 1.0), ("c", 2.0), ("c", 2.0)]]
+    s = eval_summary(before, after)
+    assert s["eval_prompts"] == 3 and s["eval_samples"] == 2
+    assert s["score_before"] == pytest.approx(0.5) and s["score_after"] == pytest.approx(1.0)
+    assert s["se_before"] == pytest.approx(math.sqrt(0.25 / 3))  # sample variance of 0, .5, 1 is .25
+    assert s["se_after"] == pytest.approx(math.sqrt(0.75 / 3))  # of .5, .5, 2: (.25+.25+1)/2
+    assert s["diff"] == pytest.approx(0.5)  # per-prompt changes .5, 0, 1
+    assert s["se_diff"] == pytest.approx(math.sqrt(0.25 / 3))
+
+
+def test_eval_samples_scores_each_held_out_prompt_k_times(tmp_path, capsys):
+    ankus.train(_recipe(tmp_path, data={"num_eval": 3, "eval_samples": 2}, trainer={"total_steps": 1}),
+                reward_fn=length_reward)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "r" / "eval_before_after.csv")))
+    assert len(rows) == 6 and [r["sample"] for r in rows] == ["0", "1"] * 3
+    assert "(3 prompts x 2 samples; s.e." in capsys.readouterr().out

@@ -94,6 +94,10 @@ class PPOMethod:
     """LoRA rank (reference: lora)."""
     lora_alpha: int = 16
     """LoRA alpha (reference: lora)."""
+    cache_trunk: bool = True
+    """Hydra: keep each rollout's hidden state at the split (B x T x H floats) from the scoring
+    forward, so every PPO step runs only the top N blocks instead of the whole frozen trunk again
+    (same numbers; false = recompute, less memory)."""
 
 
 @dataclass
@@ -106,6 +110,9 @@ class PromptData:
     """Held-out prompts (same forms as prompts); empty = the built-in set's eval split."""
     num_eval: int = 20
     """Held-out prompts scored before and after training."""
+    eval_samples: int = 1
+    """Responses sampled per held-out prompt, before and after alike (same seed); the reported
+    standard errors treat each prompt's mean as one observation."""
 
 
 @dataclass
@@ -190,6 +197,40 @@ def policy_forward(model, value_head, input_ids, attention_mask, n_resp: int, ne
     return logits, values, hidden
 
 
+class TrunkCache:
+    """The policy's top N blocks run on a cached hidden state at the split (Hydra only).
+
+    Under Hydra the bottom L−N blocks and the embeddings are frozen, so a rollout's hidden state
+    entering block L−N cannot change during the PPO epochs: the scoring forward already computed
+    it (``hidden_states[L−N]``). ``view`` is the policy's own module tree with the bottom blocks
+    swapped for stand-ins that return that state (ankus.models.hydra's construction, but with
+    the top blocks, final norm and head *shared* with the policy rather than copied), so the
+    model's own mask/rotary code runs and gradients reach the policy's parameters."""
+
+    def __init__(self, model, split_index: int):
+        from torch import nn
+
+        from ankus.models.hydra import _find_layers, _restructure, _Split, _StandIn
+
+        name, layers = _find_layers(model)
+        self.split = _Split()
+        stand_ins = [_StandIn(layer, self.split if i == split_index - 1 else None)
+                     for i, layer in enumerate(layers[:split_index])]
+        self.view = _restructure(model, {name: nn.ModuleList(stand_ins + list(layers[split_index:]))})
+
+    def forward(self, value_head, hidden, attention_mask, n_resp: int):
+        """Same as ``policy_forward(model, value_head, ...)[:2]``, from ``hidden`` (B, T, H)."""
+        self.split.hidden = hidden
+        try:
+            out = self.view(inputs_embeds=hidden, attention_mask=attention_mask,
+                            position_ids=position_ids_from_mask(attention_mask),
+                            output_hidden_states=value_head is not None, logits_to_keep=n_resp + 1, use_cache=False)
+        finally:
+            self.split.hidden = None
+        values = value_head(out.hidden_states[-1][:, -n_resp - 1:-1]) if value_head is not None else None
+        return out.logits[:, :-1], values
+
+
 # ---------------------------------------------------------------------------------------------
 # training
 
@@ -232,11 +273,17 @@ def _warm_start(model, tok, cfg: Config, texts: list[str]) -> float:
 
 @torch.no_grad()
 def evaluate(model, tok, prompts: list[str], cfg: Config, reward_fn: Callable, seed: int) -> list[dict]:
+    """``data.eval_samples`` scored responses per held-out prompt -> one row per response, a
+    prompt's samples side by side (``sample`` 0..k-1). The same ``seed`` before and after training
+    (common random numbers: the before/after difference is less noisy than either score)."""
     gen = torch.Generator().manual_seed(seed)
+    k = cfg.data.eval_samples
+    prompts = [p for p in prompts for _ in range(k)]
     templated = [cfg.data.template.format(prompt=p) for p in prompts]
     out = generate(model, tok, templated, cfg.generation, generator=gen, batch_size=cfg.method.chunk_size)
     scores = call_reward(reward_fn, templated, out.texts, batch="eval")
-    return [{"prompt": p, "output": o, "score": _scalar(s)} for p, o, s in zip(prompts, out.texts, scores)]
+    return [{"prompt": p, "sample": i % k, "output": o, "score": _scalar(s)}
+            for i, (p, o, s) in enumerate(zip(prompts, out.texts, scores))]
 
 
 def call_reward(reward_fn: Callable, prompts: list[str], outputs: list[str], batch) -> list:
@@ -312,6 +359,8 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
         raise ValueError(f"estimator '{m.estimator}' needs method.samples_per_prompt >= 2")
     if m.num_rollouts % m.samples_per_prompt:
         raise ValueError("method.num_rollouts must be a multiple of method.samples_per_prompt")
+    if cfg.data.eval_samples < 1:
+        raise ValueError(f"data.eval_samples must be >= 1, got {cfg.data.eval_samples}")
     ds = distributed.setup()
     if tc.fsdp or tc.device == "cuda":  # not yet: see docs/distributed.md (Hydra reference, per-rank decoding)
         raise ValueError("PPO trains data parallel on the CPU for now: trainer.fsdp and trainer.device=cuda "
@@ -336,6 +385,7 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
 
     reference, ref_mode = _make_reference(model, m)
     policy = reference.policy  # the model to train (a peft model under LoRA)
+    trunk = TrunkCache(policy, reference.hidden_index) if ref_mode == "hydra" and m.cache_trunk else None
     hidden_size = model.config.get_text_config().hidden_size
     value_head = ValueHead(hidden_size) if m.estimator == "gae" else None
     if value_head is not None:
@@ -408,13 +458,16 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
             response_ids = out.response_ids
             n_resp = out.response_ids.shape[1]
             with torch.no_grad():
-                old_logps, old_values, ref_logps = _score_rollouts(policy, value_head, reference, input_ids, attn,
-                                                                   out.response_ids, n_resp, m.chunk_size)
+                old_logps, old_values, ref_logps, *split_hidden = _score_rollouts(
+                    policy, value_head, reference, input_ids, attn, out.response_ids, n_resp, m.chunk_size,
+                    keep_hidden=trunk is not None)
+            split_hidden = split_hidden[0] if split_hidden else None  # (B, P+N, H) or None
             if ds.enabled:  # every process gets every rollout: what follows sees the global batch
                 input_ids, attn, response_ids, mask, scores, old_logps, ref_logps = (
                     distributed.all_gather_cat(t)
                     for t in (input_ids, attn, response_ids, mask, scores, old_logps, ref_logps))
                 old_values = None if old_values is None else distributed.all_gather_cat(old_values)
+                split_hidden = None if split_hidden is None else distributed.all_gather_cat(split_hidden)
             seq_scores = scores if scores.dim() == 1 else scores.sum(1)
             if m.scale_reward == "running":
                 running.update(seq_scores)
@@ -454,7 +507,8 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
                     step_stats = _ppo_step(policy, value_head, opt, params, cfg, beta, guard, input_ids[idx], attn[idx],
                                            response_ids[idx], mask[idx], old_logps[idx], ref_logps[idx],
                                            None if old_values is None else old_values[idx], advantages[idx],
-                                           None if returns is None else returns[idx], n_resp, share)
+                                           None if returns is None else returns[idx], n_resp, share,
+                                           trunk=trunk, hidden=None if split_hidden is None else split_hidden[idx])
                     for k, v in step_stats.items():
                         stats.setdefault(k, []).append(v)
             kl_ctl.update(mean_kl, n_steps=B)
@@ -507,25 +561,35 @@ def _scores_tensor(raw, mask: torch.Tensor, dense: bool) -> torch.Tensor:
     return out * mask
 
 
-def _score_rollouts(policy, value_head, reference, input_ids, attn, response_ids, n_resp, chunk):
-    """Behaviour log-probs, values and reference log-probs, in chunks, without grad. -> 3 × (B, N)."""
-    logps, values, ref_logps = [], [], []
+def _score_rollouts(policy, value_head, reference, input_ids, attn, response_ids, n_resp, chunk,
+                    keep_hidden: bool = False):
+    """Behaviour log-probs, values and reference log-probs, in chunks, without grad. -> 3 × (B, N);
+    ``keep_hidden`` (Hydra) adds the hidden state at the split, (B, T, H), for ``TrunkCache``."""
+    logps, values, ref_logps, hiddens = [], [], [], []
     for s in range(0, input_ids.shape[0], chunk):
         ids, am, resp = input_ids[s:s + chunk], attn[s:s + chunk], response_ids[s:s + chunk]
         logits, v, hidden = policy_forward(policy, value_head, ids, am, n_resp, reference.hidden_index)
         logps.append(logprobs_from_logits(logits, resp))
         values.append(v if v is not None else torch.zeros_like(resp, dtype=torch.float32))
         ref_logps.append(reference.logps(ids, am, hidden, n_resp))
-    return torch.cat(logps), (torch.cat(values) if value_head is not None else None), torch.cat(ref_logps)
+        if keep_hidden:
+            hiddens.append(hidden)
+    out = torch.cat(logps), (torch.cat(values) if value_head is not None else None), torch.cat(ref_logps)
+    return (*out, torch.cat(hiddens)) if keep_hidden else out
 
 
 def _ppo_step(policy, value_head, opt, params, cfg: Config, beta, guard: NonFiniteGuard, ids, am, resp, mask,
-              old_logps, ref_logps, old_values, advantages, returns, n_resp, share: float = 1.0) -> dict[str, float]:
+              old_logps, ref_logps, old_values, advantages, returns, n_resp, share: float = 1.0,
+              trunk: TrunkCache | None = None, hidden: torch.Tensor | None = None) -> dict[str, float]:
     """One optimizer step on this process's block of a minibatch. ``share`` = its fraction of the
     minibatch's response tokens: the token-mean losses are scaled by it, so that the gradients
-    summed over processes (and the reported statistics) are those of the whole minibatch."""
+    summed over processes (and the reported statistics) are those of the whole minibatch.
+    With ``trunk`` and ``hidden`` (Hydra), only the top blocks run, from the cached split state."""
     m, tc = cfg.method, cfg.trainer
-    logits, values, _ = policy_forward(policy, value_head, ids, am, n_resp)
+    if trunk is not None and hidden is not None:
+        logits, values = trunk.forward(value_head, hidden, am, n_resp)
+    else:
+        logits, values, _ = policy_forward(policy, value_head, ids, am, n_resp)
     logps = logprobs_from_logits(logits, resp)  # (b, N)
     pg_loss, pg_stats = policy_loss(logps, old_logps, advantages, mask, m.cliprange)
     loss = pg_loss
@@ -557,25 +621,56 @@ def _ppo_step(policy, value_head, opt, params, cfg: Config, beta, guard: NonFini
     return out
 
 
+def eval_summary(before: list[dict], after: list[dict]) -> dict[str, float]:
+    """Mean held-out score before and after, their standard errors and the paired difference's.
+
+    A prompt's ``eval_samples`` responses are not independent draws of the held-out mean, so each
+    prompt's mean score is one observation: s.e. = std over prompts / sqrt(prompts). The
+    difference is paired by prompt (after − before per prompt), which removes the prompts' own
+    spread from its error."""
+    def per_prompt(rows: list[dict]) -> dict[str, float]:
+        groups: dict[str, list[float]] = {}
+        for r in rows:
+            groups.setdefault(r["prompt"], []).append(r["score"])
+        return {p: sum(v) / len(v) for p, v in groups.items()}
+
+    def mean_se(xs: list[float]) -> tuple[float, float]:
+        n = len(xs)
+        mean = sum(xs) / max(n, 1)
+        var = sum((x - mean) ** 2 for x in xs) / (n - 1) if n > 1 else float("nan")
+        return mean, math.sqrt(var / n) if n > 1 else float("nan")
+
+    b, a = per_prompt(before), per_prompt(after)
+    mb, seb = mean_se(list(b.values()))
+    ma, sea = mean_se(list(a.values()))
+    diff, sed = mean_se([a[p] - b[p] for p in b if p in a])
+    return {"score_before": mb, "score_after": ma, "se_before": seb, "se_after": sea, "diff": diff, "se_diff": sed,
+            "eval_prompts": len(b), "eval_samples": len(before) // max(len(b), 1)}
+
+
 def _write_eval(run_dir: Path, before: list[dict], after: list[dict]) -> dict[str, Any]:
     """A before/after table of held-out samples and scores (printed, and saved as CSV)."""
     import csv
 
     with open(run_dir / "eval_before_after.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["prompt", "before", "score_before", "after", "score_after"])
+        w.writerow(["prompt", "sample", "before", "score_before", "after", "score_after"])
         for b, a in zip(before, after):
-            w.writerow([b["prompt"], b["output"], f"{b['score']:.4f}", a["output"], f"{a['score']:.4f}"])
-    mb = sum(r["score"] for r in before) / max(len(before), 1)
-    ma = sum(r["score"] for r in after) / max(len(after), 1)
+            w.writerow([b["prompt"], b.get("sample", 0), b["output"], f"{b['score']:.4f}", a["output"],
+                        f"{a['score']:.4f}"])
+    summary = eval_summary(before, after)
 
     def short(s: str, n: int = 60) -> str:
         s = " ".join(s.split())
         return s if len(s) <= n else s[: n - 1] + "…"
 
     print(f"\n{'prompt':32s} | {'before':60s} | score | {'after':60s} | score")
-    for b, a in list(zip(before, after))[:10]:
+    firsts = [(b, a) for b, a in zip(before, after) if b.get("sample", 0) == 0]  # one sample per prompt
+    for b, a in firsts[:10]:
         print(f"{short(b['prompt'], 32):32s} | {short(b['output']):60s} | {b['score']:+.2f} | "
               f"{short(a['output']):60s} | {a['score']:+.2f}")
-    print(f"\nmean held-out score: {mb:+.3f} -> {ma:+.3f}   ({len(before)} prompts)   run: {run_dir}")
-    return {"score_before": mb, "score_after": ma}
+    s = summary
+    print(f"\nmean held-out score: {s['score_before']:+.3f} -> {s['score_after']:+.3f}   "
+          f"({s['eval_prompts']} prompts x {s['eval_samples']} samples; s.e. {s['se_before']:.3f} -> "
+          f"{s['se_after']:.3f}; change {s['diff']:+.3f} +- {s['se_diff']:.3f} paired s.e.)   run: {run_dir}")
+    return summary
