@@ -76,6 +76,8 @@ def test_ilql_sentiment_recipe_smoke(tmp_path, one_thread):
         "model.spec=tiny-llama", f"data.dataset={data}", "data.num_eval=2", "trainer.total_steps=2",
         "trainer.batch_size=4", "method.num_layers_unfrozen=1", "generation.max_new_tokens=4",
         "eval.samples_per_prompt=1", f"run.out_dir={tmp_path}", "run.progress=false"])
-    assert set(summary["eval"]) == {"beta=0", "beta=1", "beta=4"}
+    betas = read_yaml(resolve_recipe("ilql_sentiment"))["eval"]["betas"]
+    assert 0 in betas and set(summary["eval"]) == {f"beta={b:g}" for b in betas}
+    assert set(summary["eval_se"]) == set(summary["eval"])
     assert all(-1.0 <= v <= 1.0 for v in summary["eval"].values())
     assert (tmp_path / "ilql_sentiment" / "model" / "ilql_heads.json").exists()

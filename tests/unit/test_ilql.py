@@ -379,3 +379,45 @@ def test_topk_mask_by_hand():
     assert topk_mask(x, 2).tolist() == [[ninf, 3.0, ninf, 3.0], [ninf, ninf, 5.0, 4.0]]
     assert topk_mask(x, 3).tolist() == [[ninf, 3.0, 2.0, 3.0], [0.0, ninf, 5.0, 4.0]]
     assert torch.equal(topk_mask(x, 0), x) and torch.equal(topk_mask(x, 4), x)
+
+
+def test_ilql_precomputed_lm_ce_equals_logits():
+    torch.manual_seed(7)
+    B, T, V = 2, 4, 6
+    logits = torch.randn(B, T, V)
+    qs = [torch.randn(B, T, V) for _ in range(2)]
+    tqs = [torch.randn(B, T, V) for _ in range(2)]
+    vs, actions = torch.randn(B, T + 1), torch.randint(0, V, (B, T))
+    rewards, dones = torch.zeros(B, T), torch.zeros(B, T)
+    rewards[:, -1], dones[:, -1] = torch.tensor([0.5, -1.0]), 1
+    mask = torch.ones(B, T)
+    mask[0, 0] = 0
+    ce = -torch.log_softmax(logits, -1).gather(-1, actions[..., None])[..., 0]
+    a, sa = ilql_loss(logits, qs, tqs, vs, actions, rewards, dones, mask, awac_beta=0.5)
+    b, sb = ilql_loss(None, qs, tqs, vs, actions, rewards, dones, mask, awac_beta=0.5, lm_ce=ce)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(sa["loss/awac"], sb["loss/awac"])
+
+
+def test_ilql_q_at_the_taken_tokens_only():
+    # (B, T) Q values at the data tokens give the same loss (without CQL) as the full (B, T, V)
+    torch.manual_seed(8)
+    B, T, V = 2, 3, 5
+    logits, vs = torch.randn(B, T, V), torch.randn(B, T + 1)
+    qs = [torch.randn(B, T, V, requires_grad=True) for _ in range(2)]
+    tqs = [torch.randn(B, T, V) for _ in range(2)]
+    actions = torch.randint(0, V, (B, T))
+    rewards, dones, mask = torch.zeros(B, T), torch.zeros(B, T), torch.ones(B, T)
+    rewards[:, -1], dones[:, -1] = 1.0, 1
+    at = lambda q: q.gather(-1, actions[..., None])[..., 0]  # noqa: E731
+    full, s_full = ilql_loss(logits, qs, tqs, vs, actions, rewards, dones, mask, cql_scale=0.0)
+    taken, s_taken = ilql_loss(logits, [at(q) for q in qs], [at(q) for q in tqs], vs, actions, rewards, dones, mask,
+                               cql_scale=0.0)
+    torch.testing.assert_close(full, taken)
+    assert "loss/cql" in s_full and "loss/cql" not in s_taken
+    g_full = torch.autograd.grad(full, qs)
+    g_taken = torch.autograd.grad(taken, qs)
+    for a, b in zip(g_full, g_taken):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="CQL"):
+        ilql_loss(logits, [at(q) for q in qs], tqs, vs, actions, rewards, dones, mask, cql_scale=0.1)

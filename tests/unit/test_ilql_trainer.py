@@ -342,3 +342,81 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(second[k], first[k], rtol=0, atol=1e-6)
     losses = lambda text: [json.loads(r)["loss"] for r in text.splitlines() if '"loss"' in r]  # noqa: E731
     assert losses((run / "metrics.jsonl").read_text()) == pytest.approx(losses(first_metrics), rel=1e-5)
+
+
+# ---------------------------------------------------------------- frozen LM: cached hidden states
+
+
+def _walk_samples(tok, n=6, seed=0):
+    prompts, completions, rewards = load_samples(ILQLData())
+    idx = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    p, c = tokenize_samples(tok, [prompts[i] for i in idx], [completions[i] for i in idx], seq_length=11)
+    b = tok.convert_tokens_to_ids("b")
+    p = [[b] * (5 if i == 0 else 2) + row for i, row in enumerate(p)]  # prompts of different lengths
+    return p, c, standardize_returns([rewards[i] for i in idx])
+
+
+@pytest.mark.parametrize("q_head,cql_scale", [("mlp", 0.1), ("unembedding", 0.1), ("unembedding", 0.0)])
+def test_cached_step_equals_the_full_forward_step_with_a_frozen_lm(rw, q_head, cql_scale):
+    # the cache holds hidden states and LM cross-entropies per sample; a step on it must give the
+    # loss, the stats and the head updates of the step that runs the (frozen) LM on the batch
+    model, tok = rw
+    model = __import__("copy").deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    p_ids, c_ids, returns = _walk_samples(tok, n=8, seed=3)
+    cache = ilql.cache_trunk(model, p_ids, c_ids, tok.pad_token_id, batch_size=3)
+    assert [c["hidden"].shape[0] for c in cache] == [len(c) + 1 for c in c_ids]
+    full = ilql_collate(p_ids, c_ids, returns, tok.pad_token_id)
+    cached = ilql.cached_collate(cache, c_ids, returns)
+    out = []
+    for batch in (full, cached):
+        torch.manual_seed(4)
+        heads = ilql._make_heads(ILQLMethod(q_head=q_head), 144, len(tok), model)
+        if q_head == "unembedding":  # move the zero-initialised heads off zero so the test means something
+            with torch.no_grad():
+                for p in heads.q_heads.parameters():
+                    p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        params = [p for p in heads.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.1)
+        method = ILQLMethod(steps_for_target_q_sync=1, alpha=0.5, cql_scale=cql_scale)
+        stats = train_step(model, heads, batch, opt, params, method, step=1, grad_accum=2)
+        out.append((stats, [p.detach().clone() for p in heads.parameters()]))
+    (s_full, p_full), (s_cached, p_cached) = out
+    if cql_scale == 0:  # the cached step reads Q at the taken tokens only: no vocabulary-wide CQL value
+        assert s_full.pop("loss/cql") > 0 and "loss/cql" not in s_cached
+    assert s_full.keys() == s_cached.keys()
+    for k in s_full:
+        assert s_cached[k] == pytest.approx(s_full[k], rel=1e-4, abs=1e-5), k
+    for a, b in zip(p_full, p_cached):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_unembedding_q_heads_start_at_zero_share_the_matrix_and_round_trip(rw, tmp_path):
+    model, tok = rw
+    torch.manual_seed(0)
+    heads = ilql._make_heads(ILQLMethod(q_head="unembedding"), 144, len(tok), model)
+    h = torch.randn(2, 3, 144)
+    qs, tqs, vs = heads(h)
+    assert all(torch.equal(q, torch.zeros(2, 3, len(tok))) for q in qs + tqs)
+    W = model.get_output_embeddings().weight
+    assert all(q.unembedding.data_ptr() == heads.q_heads[0].unembedding.data_ptr()
+               for q in list(heads.q_heads) + list(heads.target_q_heads))  # one frozen copy for all heads
+    assert torch.equal(heads.q_heads[0].unembedding, W) and heads.q_heads[0].unembedding.data_ptr() != W.data_ptr()
+    trainable = sum(p.numel() for p in heads.q_heads[0].parameters())
+    assert trainable == 144 * 288 + 288 + 288 * 144 + 144 + len(tok)  # g: h -> 2h -> d, and a bias per token
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p))
+    # Q at the taken token without the vocabulary-wide output, by hand
+    a = torch.tensor([[1, 5, 7], [0, 2, 28]])
+    q0 = heads.q_heads[0]
+    by_hand = torch.einsum("btd,btd->bt", q0.mlp(h), W[a]) + q0.bias[a]
+    torch.testing.assert_close(ilql.q_at(q0, h, a), by_hand)
+    torch.testing.assert_close(q0(h).gather(-1, a[..., None])[..., 0], by_hand)
+    ilql.save_ilql(model, heads, tok, tmp_path / "m")
+    _, _, loaded = load_ilql(tmp_path / "m")
+    assert isinstance(loaded.q_heads[0], type(q0))
+    for x, y in zip(heads(h), loaded(h)):
+        for u, v in zip(x if isinstance(x, tuple) else (x,), y if isinstance(y, tuple) else (y,)):
+            torch.testing.assert_close(u, v)

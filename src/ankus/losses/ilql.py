@@ -71,13 +71,16 @@ def ilql_loss(
     cql_scale: float = 0.1,
     awac_scale: float = 1.0,
     awac_beta: float = 0.0,
+    lm_ce: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ILQL loss (see module docstring for the equations and the step convention).
 
     Args:
         logits: (B, T, V) LM logits at each state.
-        qs: one or two (B, T, V) online Q-head outputs.
-        target_qs: same number of (B, T, V) target Q-head outputs (treated as constants).
+        qs: one or two (B, T, V) online Q-head outputs, or (B, T) values at the taken tokens
+            only (then the CQL term, which needs every token, must be off: ``cql_scale`` 0).
+        target_qs: same number of (B, T, V) target Q-head outputs (treated as constants), or
+            (B, T) values at the taken tokens (all the loss reads of them).
         vs: (B, T) V(s_t), or (B, T + 1) with V of the state after the last action. With
             (B, T), the bootstrap value after the last step is 0, so that step must be
             terminal or masked out.
@@ -89,10 +92,13 @@ def ilql_loss(
         mask: (B, T) 1 on steps that are trained (response actions; 0 on prompt and pad).
         gamma: discount. tau: expectile. cql_scale, awac_scale: term weights.
         awac_beta: temperature of the advantage weight exp(β(Q̂ − V)) on the AWAC term.
+        lm_ce: optional (B, T) −log softmax(logits)[a_t], precomputed (a frozen LM's, cached by
+            the trainer); given, it replaces ``logits`` in the AWAC term and ``logits`` may be
+            None. It carries no gradient to the LM, which a frozen LM would not get anyway.
 
     Returns:
         ``(loss, stats)``; stats are detached scalars: ``loss``, ``loss/q``, ``loss/v``,
-        ``loss/cql``, ``loss/awac``, ``values/q`` (mean Q_i(s,a) over heads), ``values/target_q``
+        ``loss/cql`` (absent when the qs are given at the taken tokens only), ``loss/awac``, ``values/q`` (mean Q_i(s,a) over heads), ``values/target_q``
         (Q̂), ``values/v``, ``values/advantage`` (Q̂ − V).
     """
     B, T = actions.shape
@@ -116,20 +122,30 @@ def ilql_loss(
 
     # Q loss: regress each online head on r + γ V(s') (the target carries no gradient).
     q_target = rewards.to(v.dtype) + gamma * v_next.detach() * not_done  # (B, T)
-    q_taken = [_up(q.gather(-1, idx).squeeze(-1)) for q in qs]  # each (B, T)
+    def taken(q: torch.Tensor) -> torch.Tensor:  # (B, T, V) or already (B, T) -> (B, T)
+        return q if q.dim() == 2 else q.gather(-1, idx).squeeze(-1)
+
+    full_qs = all(q.dim() == 3 for q in qs)
+    if not full_qs and cql_scale != 0:
+        raise ValueError("the CQL term needs the Q heads over the whole vocabulary: pass (B, T, V) qs or cql_scale=0")
+    q_taken = [_up(taken(q)) for q in qs]  # each (B, T)
     loss_q = sum(_masked_mean((qa - q_target) ** 2, mask, n) for qa in q_taken)
 
     # V loss: expectile of min over target heads (clipped double-Q), constant target.
-    target_q_taken = torch.stack([q.gather(-1, idx).squeeze(-1) for q in target_qs]).min(0).values
+    target_q_taken = torch.stack([taken(q) for q in target_qs]).min(0).values
     target_q_taken = _up(target_q_taken.detach())  # (B, T)
     loss_v = _masked_mean(expectile_loss(target_q_taken - v, tau), mask, n)
 
     # CQL: each Q head as logits over the vocabulary, cross-entropy against the data token.
-    loss_cql = sum(_masked_mean(_token_ce(q, safe_actions), mask, n) for q in qs)
+    if full_qs:
+        loss_cql = sum(_masked_mean(_token_ce(q, safe_actions), mask, n) for q in qs)
+    else:
+        loss_cql = torch.zeros((), device=v.device)
 
     # AWAC: (advantage-weighted) CE of the LM on the data tokens.
     awac_weight = torch.exp(awac_beta * (target_q_taken - v.detach()))  # (B, T)
-    loss_awac = _masked_mean(_token_ce(logits, safe_actions) * awac_weight, mask, n)
+    ce = _token_ce(logits, safe_actions) if lm_ce is None else _up(lm_ce)  # (B, T)
+    loss_awac = _masked_mean(ce * awac_weight, mask, n)
 
     loss = loss_q + loss_v + cql_scale * loss_cql + awac_scale * loss_awac
     with torch.no_grad():
@@ -137,13 +153,14 @@ def ilql_loss(
             "loss": loss.detach(),
             "loss/q": loss_q.detach(),
             "loss/v": loss_v.detach(),
-            "loss/cql": loss_cql.detach(),
             "loss/awac": loss_awac.detach(),
             "values/q": sum(_masked_mean(qa, mask, n) for qa in q_taken) / len(q_taken),
             "values/target_q": _masked_mean(target_q_taken, mask, n),
             "values/v": _masked_mean(v, mask, n),
             "values/advantage": _masked_mean(target_q_taken - v, mask, n),
         }
+        if full_qs:
+            stats["loss/cql"] = loss_cql.detach()
     return loss, stats
 
 

@@ -4,6 +4,13 @@ reward models) and the Q/V heads of ILQL (Snell et al. 2022).
 Every head has trlX's shape: Linear(h → 2h) → ReLU → Linear(2h → out)
 (trlX ``utils/modeling.py::make_head``). Heads cast incoming hidden states to their own
 dtype, so a bf16 body can feed float32 heads (Q/V regression suffers in bf16).
+
+ILQL's Q heads come in two forms: trlX's (``q_head="mlp"``, a vocabulary-wide last layer) and
+:class:`UnembeddingQHead` (``q_head="unembedding"``), which reads an MLP's output through the
+LM's own frozen unembedding, Q(s, a) = g(h)·W_lm[a] + b[a], with g's last layer and b at zero:
+Q starts at 0 for every token (so β·(Q − V) starts as a shift shared by all tokens, which
+sampling ignores), a token absent from the data still moves with the tokens near it in the LM's
+embedding space, and the trainable part is h x 2h x h instead of 2h x vocab.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["make_head", "ValueHead", "ILQLHeads"]
+__all__ = ["make_head", "ValueHead", "UnembeddingQHead", "ILQLHeads", "q_at"]
 
 
 def make_head(hidden_size: int, out_size: int) -> nn.Sequential:
@@ -44,6 +51,44 @@ class ValueHead(nn.Module):
         return self.head(x).squeeze(-1)  # (B, T)
 
 
+class UnembeddingQHead(nn.Module):
+    """Q(s, ·) = W_lm · g(h) + b on hidden states h: (..., H) -> (..., vocab).
+
+    ``g`` is trlX's MLP shape h → 2h → d (d = the unembedding's width), its last layer and the
+    per-token bias ``b`` zero-initialised, so every Q value starts at exactly 0. ``unembedding``
+    (vocab, d) is the LM's output embedding, held as a non-persistent buffer: never trained,
+    not saved with the heads (:func:`ankus.trainers.ilql.load_ilql` passes the LM's back in), and
+    shared, not copied, between a head and its Polyak target (see :class:`ILQLHeads`)."""
+
+    def __init__(self, hidden_size: int, unembedding: torch.Tensor):
+        super().__init__()
+        self.mlp = make_head(hidden_size, unembedding.shape[1])
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        self.bias = nn.Parameter(torch.zeros(unembedding.shape[0]))
+        self.register_buffer("unembedding", unembedding, persistent=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        g = self.mlp(hidden_states)  # (..., d)
+        return g @ self.unembedding.to(g.dtype).T + self.bias  # (..., vocab)
+
+    def at(self, hidden_states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q at the given tokens only: (..., H), (...) long -> (...); d multiply-adds a step."""
+        g = self.mlp(hidden_states)  # (..., d)
+        return (g * self.unembedding[actions].to(g.dtype)).sum(-1) + self.bias[actions]
+
+
+def q_at(head: nn.Module, hidden_states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """A Q head's value at the taken tokens only: (..., H), (...) -> (...), without the
+    vocabulary-wide output: the rows of the last layer (or of the unembedding) for those tokens.
+    Equal to ``head(hidden_states).gather(-1, actions[..., None])[..., 0]``."""
+    if isinstance(head, UnembeddingQHead):
+        return head.at(hidden_states, actions)
+    first, act, last = head
+    z = act(first(hidden_states))  # (..., 2H)
+    return (z * last.weight[actions]).sum(-1) + last.bias[actions]
+
+
 class ILQLHeads(nn.Module):
     """ILQL's Q heads (vocab-sized), their Polyak-averaged targets, and the V head.
 
@@ -54,17 +99,29 @@ class ILQLHeads(nn.Module):
         alpha: Polyak weight of the *online* heads in :meth:`sync_target_q_heads`
             (trlX's convention: ``target ← α·Q + (1 − α)·target``; trlX default 0.001,
             so targets move slowly; α = 1 copies the online heads).
+        unembedding: optional (vocab, d) frozen LM output embedding; given, the Q heads are
+            :class:`UnembeddingQHead` (zero at init) instead of trlX's vocabulary-wide MLPs.
 
     Target heads are frozen (``requires_grad=False``) deep copies, so an optimizer built
     from ``parameters()`` with a ``requires_grad`` filter never updates them.
     """
 
-    def __init__(self, hidden_size: int, vocab_size: int, two_qs: bool = True, alpha: float = 0.001):
+    def __init__(self, hidden_size: int, vocab_size: int, two_qs: bool = True, alpha: float = 0.001,
+                 unembedding: torch.Tensor | None = None):
         super().__init__()
         self.alpha = alpha
+        self.vocab_size = vocab_size
         n_qs = 2 if two_qs else 1
-        self.q_heads = nn.ModuleList(make_head(hidden_size, vocab_size) for _ in range(n_qs))
-        self.target_q_heads = nn.ModuleList(copy.deepcopy(q) for q in self.q_heads)
+        if unembedding is None:
+            self.q_heads = nn.ModuleList(make_head(hidden_size, vocab_size) for _ in range(n_qs))
+            memo = {}
+        else:
+            if unembedding.shape[0] != vocab_size:
+                raise ValueError(f"unembedding has {unembedding.shape[0]} rows, vocab_size is {vocab_size}")
+            unembedding = unembedding.detach().clone()  # frozen even where the LM's own trains
+            self.q_heads = nn.ModuleList(UnembeddingQHead(hidden_size, unembedding) for _ in range(n_qs))
+            memo = {id(unembedding): unembedding}  # the targets share the frozen matrix, not a copy
+        self.target_q_heads = nn.ModuleList(copy.deepcopy(q, dict(memo)) for q in self.q_heads)
         for p in self.target_q_heads.parameters():
             p.requires_grad_(False)
         self.v_head = make_head(hidden_size, 1)

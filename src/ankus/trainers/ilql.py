@@ -40,7 +40,7 @@ from ankus.config import ModelConfig, RunConfig, TrainerConfig
 from ankus.generation.engine import (GenerationConfig, GenerationOutput, encode_prompts, eos_token_ids, left_pad,
                                      sample_tokens, token_logps)
 from ankus.losses.ilql import ilql_loss, ilql_sample_scores
-from ankus.models.heads import ILQLHeads
+from ankus.models.heads import ILQLHeads, q_at
 
 __all__ = ["ILQLMethod", "ILQLData", "ILQLEval", "Config", "train", "train_step", "standardize_returns",
            "tokenize_samples", "ilql_collate", "ilql_forward", "ilql_generate", "load_samples", "letter_tokenizer",
@@ -79,6 +79,9 @@ class ILQLMethod:
     """LoRA rank on every linear layer of the LM; 0 = no LoRA (then num_layers_unfrozen applies)."""
     lora_alpha: int = 16
     """LoRA alpha."""
+    q_head: str = "mlp"
+    """Q heads: 'mlp' (trlX: h → 2h → vocab) or 'unembedding' (h → 2h → d read out through the LM's
+    frozen unembedding, zero at init; see ankus.models.heads.UnembeddingQHead)."""
 
 
 @dataclass
@@ -295,15 +298,13 @@ def ilql_collate(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[S
 # forward, step
 
 
-def _target_q_at(head: torch.nn.Sequential, hidden: Tensor, actions: Tensor) -> Tensor:
+def _target_q_at(head: torch.nn.Module, hidden: Tensor, actions: Tensor) -> Tensor:
     """A target Q head's value at the taken tokens only: (B, T, H), (B, T) -> (B, T).
 
     The loss reads target Q̂(s, a) at the data token alone, so instead of the (B, T, V) output
     this takes the rows of the last layer's weight for those tokens: 2H multiply-adds per step
     instead of 2H·V (on a 49k vocabulary the two target heads were half the cost of a step)."""
-    first, act, last = head
-    z = act(first(hidden))  # (B, T, 2H)
-    return (z * last.weight[actions]).sum(-1) + last.bias[actions]
+    return q_at(head, hidden, actions)
 
 
 def ilql_forward(model, heads: ILQLHeads, batch: dict[str, Tensor]):
@@ -336,6 +337,84 @@ def ilql_forward(model, heads: ILQLHeads, batch: dict[str, Tensor]):
     return logits, qs, target_qs, vs, actions, batch["rewards"][:, sl], batch["dones"][:, sl], batch["mask"][:, sl]
 
 
+def _trunk_frozen(model) -> bool:
+    return not any(p.requires_grad for p in model.parameters())
+
+
+@torch.no_grad()
+def cache_trunk(model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int,
+                *, batch_size: int = 16, dtype: torch.dtype = torch.float32) -> list[dict[str, Tensor]]:
+    """What a frozen LM contributes to every sample, computed once: per sample i with n_p prompt
+    and n_c completion tokens, ``hidden`` (n_c + 1, H), the last-layer hidden states of the
+    states from the first action on (positions n_p − 1 .. n_p + n_c − 1, the last one the state
+    after the final action, for V), and ``lm_ce`` (n_c,), −log π_LM of each completion token.
+
+    With the LM frozen (``num_layers_unfrozen: 0``) the ILQL step then runs only the heads
+    (:func:`cached_forward`); samples are batched by length so padding stays small."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
+    out: list[dict[str, Tensor] | None] = [None] * len(order)
+    try:
+        for s in range(0, len(order), batch_size):
+            rows = order[s:s + batch_size]
+            batch = ilql_collate([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], [0.0] * len(rows),
+                                 pad_id)
+            res = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                        output_hidden_states=True, use_cache=False)
+            hidden = res.hidden_states[-1]  # (b, L, H)
+            for j, i in enumerate(rows):
+                n_p, n_c = len(prompt_ids[i]), len(completion_ids[i])
+                logits = res.logits[j, n_p - 1: n_p + n_c - 1].float()  # (n_c, V)
+                target = torch.tensor(list(completion_ids[i]), device=logits.device)
+                out[i] = {"hidden": hidden[j, n_p - 1: n_p + n_c].to(dtype).cpu(),
+                          "lm_ce": torch.nn.functional.cross_entropy(logits, target, reduction="none").cpu()}
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def cached_collate(cache: Sequence[dict[str, Tensor]], completion_ids: Sequence[Sequence[int]],
+                   returns: Sequence[float]) -> dict[str, Tensor]:
+    """A batch over :func:`cache_trunk`'s samples, each row starting at its first action (the
+    losses are masked means, so the alignment of rows does not matter): ``hidden`` (B, T + 1, H),
+    ``lm_ce``, ``actions``, ``mask``, ``rewards``, ``dones`` (B, T), as :func:`ilql_collate`
+    gives them on the completion steps (return and done on each row's last action)."""
+    B, T = len(cache), max(len(c) for c in completion_ids)
+    H = cache[0]["hidden"].shape[-1]
+    hidden = torch.zeros((B, T + 1, H), dtype=cache[0]["hidden"].dtype)
+    lm_ce = torch.zeros((B, T))
+    actions = torch.zeros((B, T), dtype=torch.long)
+    mask, rewards, dones = (torch.zeros((B, T)) for _ in range(3))
+    for i, (c, ids, ret) in enumerate(zip(cache, completion_ids, returns)):
+        n = len(ids)
+        hidden[i, : n + 1] = c["hidden"]
+        lm_ce[i, :n] = c["lm_ce"]
+        actions[i, :n] = torch.tensor(list(ids))
+        mask[i, :n] = 1
+        rewards[i, n - 1] = ret
+        dones[i, n - 1] = 1
+    return {"hidden": hidden, "lm_ce": lm_ce, "actions": actions, "mask": mask, "rewards": rewards, "dones": dones}
+
+
+def cached_forward(heads: ILQLHeads, batch: dict[str, Tensor], full_q: bool = True):
+    """:func:`ilql_forward` on a :func:`cached_collate` batch: the heads only. Returns the same
+    tuple with ``logits`` None, plus ``lm_ce`` (B, T) for the AWAC term. The target Q̂ come as
+    (B, T) values at the taken tokens, and so do the online Q unless ``full_q`` (the CQL term
+    needs all V tokens; without it a step never projects onto the vocabulary)."""
+    hidden = batch["hidden"].to(heads.v_head[0].weight.dtype)  # (B, T + 1, H)
+    states, actions = hidden[:, :-1], batch["actions"]  # (B, T, H), (B, T)
+    if full_q:
+        qs = tuple(q(states) for q in heads.q_heads)  # each (B, T, V)
+    else:
+        qs = tuple(q_at(q, states, actions) for q in heads.q_heads)  # each (B, T)
+    with torch.no_grad():
+        target_qs = tuple(q_at(q, states, actions) for q in heads.target_q_heads)  # each (B, T)
+    vs = heads.v_head(hidden).squeeze(-1)  # (B, T + 1)
+    return None, qs, target_qs, vs, actions, batch["rewards"], batch["dones"], batch["mask"], batch["lm_ce"]
+
+
 def train_step(model, heads: ILQLHeads, batch: dict[str, Tensor], opt: torch.optim.Optimizer, params: list[Tensor],
                method: ILQLMethod, step: int, *, max_grad_norm: float = 1.0, grad_accum: int = 1,
                scheduler=None, guard=None) -> dict[str, float]:
@@ -345,8 +424,9 @@ def train_step(model, heads: ILQLHeads, batch: dict[str, Tensor], opt: torch.opt
 
     Under several processes ``batch`` is this process's block of the global batch: each
     micro-batch is weighted by its share of the *global* count of masked steps, gradients are
-    summed over processes before clipping, and the returned stats are the global batch's."""
-    B = batch["input_ids"].shape[0]
+    summed over processes before clipping, and the returned stats are the global batch's.
+    A :func:`cached_collate` batch (frozen LM) runs the heads alone (``model`` is unused)."""
+    B = batch["mask"].shape[0]
     n_total = max(distributed.sum_floats(float(batch["mask"].sum()))[0], 1.0)  # masked steps, all processes
     size = max(1, math.ceil(B / grad_accum))
     chunks = [range(s, min(B, s + size)) for s in range(0, B, size)]
@@ -355,10 +435,14 @@ def train_step(model, heads: ILQLHeads, batch: dict[str, Tensor], opt: torch.opt
     for rows in chunks:
         idx = torch.tensor(list(rows))
         micro = {k: v[idx] for k, v in batch.items()}
-        logits, qs, target_qs, vs, actions, rewards, dones, mask = ilql_forward(model, heads, micro)
+        if "hidden" in micro:
+            logits, qs, target_qs, vs, actions, rewards, dones, mask, lm_ce = cached_forward(
+                heads, micro, full_q=method.cql_scale != 0)
+        else:
+            (logits, qs, target_qs, vs, actions, rewards, dones, mask), lm_ce = ilql_forward(model, heads, micro), None
         loss, stats = ilql_loss(logits, qs, target_qs, vs, actions, rewards, dones, mask, gamma=method.gamma,
                                 tau=method.tau, cql_scale=method.cql_scale, awac_scale=method.awac_scale,
-                                awac_beta=method.awac_beta)
+                                awac_beta=method.awac_beta, lm_ce=lm_ce)
         # every term is a mean over masked steps: weighting by the share of steps gives the full-batch mean
         share = float(mask.sum()) / n_total
         (loss * share).backward()
@@ -546,6 +630,13 @@ def evaluate(model, heads, tok, prompts: list[str], cfg: Config, betas: Sequence
 # saving and loading
 
 
+def _make_heads(m: ILQLMethod, hidden_size: int, vocab_size: int, model) -> ILQLHeads:
+    if m.q_head not in ("mlp", "unembedding"):
+        raise ValueError(f"method.q_head must be 'mlp' or 'unembedding', got {m.q_head!r}")
+    unembedding = model.get_output_embeddings().weight.float() if m.q_head == "unembedding" else None
+    return ILQLHeads(hidden_size, vocab_size, two_qs=m.two_qs, alpha=m.alpha, unembedding=unembedding)
+
+
 def save_ilql(model, heads: ILQLHeads, tok, path: str | Path) -> Path:
     """The LM in Hugging Face format (LoRA merged) plus ``ilql_heads.safetensors`` and
     ``ilql_heads.json`` (its shape) in the same directory."""
@@ -558,8 +649,8 @@ def save_ilql(model, heads: ILQLHeads, tok, path: str | Path) -> Path:
               str(path / "ilql_heads.safetensors"))
     first = heads.v_head[0]
     (path / "ilql_heads.json").write_text(json.dumps({
-        "hidden_size": first.in_features, "vocab_size": heads.q_heads[0][-1].out_features,
-        "two_qs": len(heads.q_heads) == 2, "alpha": heads.alpha}))
+        "hidden_size": first.in_features, "vocab_size": heads.vocab_size, "two_qs": len(heads.q_heads) == 2, "alpha": heads.alpha,
+        "q_head": "mlp" if isinstance(heads.q_heads[0], torch.nn.Sequential) else "unembedding"}))
     return path
 
 
@@ -572,7 +663,8 @@ def load_ilql(path: str | Path):
     path = Path(path)
     model, tok = load_model(str(path))
     meta = json.loads((path / "ilql_heads.json").read_text())
-    heads = ILQLHeads(meta["hidden_size"], meta["vocab_size"], two_qs=meta["two_qs"], alpha=meta["alpha"])
+    method = ILQLMethod(two_qs=meta["two_qs"], alpha=meta["alpha"], q_head=meta.get("q_head", "mlp"))
+    heads = _make_heads(method, meta["hidden_size"], meta["vocab_size"], model)
     heads.load_state_dict(load_file(str(path / "ilql_heads.safetensors")))
     heads.eval()
     return model, tok, heads
@@ -621,7 +713,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     hidden_size = model.config.get_text_config().hidden_size
     vocab_size = model.get_output_embeddings().weight.shape[0]
-    heads = ILQLHeads(hidden_size, vocab_size, two_qs=m.two_qs, alpha=m.alpha).to(device)
+    heads = _make_heads(m, hidden_size, vocab_size, model).to(device)
     policy = _prepare_trainable(model, m)
     params = [p for p in policy.parameters() if p.requires_grad] + [p for p in heads.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
@@ -639,14 +731,31 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         distributed.on_main(truncate_metrics, run_dir / "metrics.jsonl", start)
     logger = distributed.main_only(lambda: MetricsLogger(run_dir / "metrics.jsonl"))
     samples_path = run_dir / "eval_samples.jsonl"
+    frozen = _trunk_frozen(policy)
+    # β = 0 ignores the heads: with a frozen LM its samples (same seed) never change, so the base
+    # evaluation's stand for every later β = 0 instead of being sampled again
+    beta0_rows: list[dict] = []
+    ses: dict[str, float] = {}  # standard error of each β's latest mean
 
     def eval_on_main(step: int, betas: Sequence[float], tag: str) -> dict[str, float]:
+        reuse = frozen and bool(beta0_rows)
+        todo = [b for b in betas if not (reuse and b == 0)]
         heads.eval()
         try:
-            means, rows = evaluate(policy, heads, tok, eval_prompts, cfg, betas, scorer)
+            means, rows = evaluate(policy, heads, tok, eval_prompts, cfg, todo, scorer) if todo else ({}, [])
         finally:
             heads.train()
-        logger.log(step, {f"eval/{tag}{k}": v for k, v in means.items()})
+        if frozen and not beta0_rows:
+            beta0_rows.extend(r for r in rows if r["beta"] == 0)
+        if reuse and len(todo) < len(betas):
+            rows = [dict(r) for r in beta0_rows] + rows
+        by_beta = {_beta_key(b): [r["score"] for r in rows if r["beta"] == b] for b in betas}
+        means = {k: sum(v) / len(v) for k, v in by_beta.items()}
+        for k, v in by_beta.items():
+            sd = math.sqrt(sum((x - means[k]) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+            ses[k] = sd / math.sqrt(len(v))
+        logger.log(step, {**{f"eval/{tag}{k}": v for k, v in means.items()},
+                          **{f"eval_se/{tag}{k}": ses[k] for k in means}})
         with open(samples_path, "a", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps({"step": step, "tag": tag, **r}) + "\n")
@@ -664,6 +773,12 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     if base is None:  # the untrained LM (β = 0; the heads are random): the baseline to beat
         base = run_eval(0, [0.0], "base_")[_beta_key(0.0)]
     n_trainable = sum(p.numel() for p in params)
+    cache = None
+    if frozen:  # the LM never changes: its hidden states are computed once, steps run the heads alone
+        t0 = time.perf_counter()
+        cache = cache_trunk(policy, p_ids, c_ids, pad_id, dtype=heads.v_head[0].weight.dtype)
+        if ds.is_main:
+            print(f"cached the frozen LM's hidden states of {len(cache)} samples in {time.perf_counter() - t0:.0f} s")
     policy.train()
     heads.train()
     step = start
@@ -675,7 +790,11 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             step = step0 + 1
             # one global batch, the same on every process; this process takes its block
             idx = distributed.shard(_batches(len(p_ids), global_batch, step0, tc.seed))
-            batch = ilql_collate([p_ids[i] for i in idx], [c_ids[i] for i in idx], [returns[i] for i in idx], pad_id)
+            if cache is not None:
+                batch = cached_collate([cache[i] for i in idx], [c_ids[i] for i in idx], [returns[i] for i in idx])
+            else:
+                batch = ilql_collate([p_ids[i] for i in idx], [c_ids[i] for i in idx], [returns[i] for i in idx],
+                                     pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             t0 = time.perf_counter()
             stats = train_step(policy, heads, batch, opt, params, m, step, max_grad_norm=tc.max_grad_norm,
@@ -704,10 +823,11 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     if cfg.run.save_model and not stopped:
         distributed.on_main(save_ilql, policy, heads, tok, run_dir / "model")
     wall = time.perf_counter() - t_start
-    summary = {"run_dir": str(run_dir), "steps": step, "base": base, "eval": final, "wall_time_s": wall,
+    summary = {"run_dir": str(run_dir), "steps": step, "base": base, "eval": final,
+               "eval_se": {k: ses[k] for k in final if k in ses}, "wall_time_s": wall,
                "stopped_early": stopped, "skipped_steps": guard.skipped}
     distributed.on_main((run_dir / "summary.json").write_text, json.dumps(summary, indent=2))
     if final and ds.is_main:
-        sweep = "  ".join(f"{k}: {v:+.3f}" for k, v in final.items())
+        sweep = "  ".join(f"{k}: {v:+.3f}" + (f" ± {ses[k]:.3f}" if k in ses else "") for k, v in final.items())
         print(f"\nILQL: base {base:+.3f}   {sweep}   ({wall:.0f} s)   run: {run_dir}")
     return summary
