@@ -47,6 +47,31 @@ one's memory and threads cannot colour another's numbers. Reported per configura
 * completion length (mean new tokens per row) and mean reward, to show both sides sampled alike.
 
 TRL needs ``pip install 'trl>=1.0,<2'`` (a benchmark-only dependency; ankus never imports it).
+
+Measured (first full run, 2026-11-26, TRL 1.16.0, transformers 5.24.0, torch 2.13.0 CPU;
+``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ppo.py --threads 1``). The 2-core machine was
+shared with other jobs (1-min load 5-7), so wall times are ~4x the CPU times and the CPU-second
+ratio is the one to trust; peak RSS does not depend on load::
+
+  config           s/iter    gen  score  train  rows/s   cpu-s  peak RSS  +loaded   len  reward  trainable
+  ankus-hydra       92.08  32.56  40.27  19.25    0.35    24.5   2674 MB  2275 MB  31.0  +0.101       7.7M
+  ankus-copy       164.22  40.01  74.19  50.02    0.19    36.3   3438 MB  3038 MB  31.0  +0.101       7.7M
+  ankus-grpo       226.02  42.82  72.76 110.44    0.14    51.1   8362 MB  7962 MB  30.8  +0.121     134.5M
+  trl-grpo         270.66  54.34  44.16 172.16    0.12    62.4  10131 MB  9619 MB  30.6  +0.061     134.5M
+  trl-rloo         292.05  49.18  98.18 144.70    0.11    75.0  10049 MB  9539 MB  31.0  +0.071     134.5M
+  ankus GRPO throughput / TRL GRPO throughput: 1.20x (CPU seconds: 1.22x)   goal >= 1.5x: not met
+  Hydra / separate reference peak RSS: 0.78x whole process, 0.75x above the loaded model (goal <= 0.7x:
+  not met); the reference's own weights 27 MB vs 513 MB (0.05x); Hydra s/iter 0.56x the copy's
+
+Where the time goes (ankus-grpo vs trl-grpo, wall under the same load): generation 43 vs 54 s,
+rollout scoring 73 vs 44 s, the optimizer step 110 vs 172 s. ankus's scoring is slower because
+it runs a no-grad policy forward for the behaviour log-probs as well as the reference forward;
+TRL skips the former when each rollout batch gets one update (num_iterations=1), since the
+behaviour log-probs are then the training forward's own. The same shortcut for GRPO with
+ppo_epochs=1 and one minibatch is the next clear win (not done). Memory: Hydra's peak is set
+by what both configurations share (torch, the policy, its packed generation weights ~1.5 GB at
+the start; rollout logits and hidden states at scoring, +0.7 GB), so removing the 0.5 GB
+reference copy gives 0.78x, not 0.7x.
 """
 
 from __future__ import annotations
@@ -116,6 +141,30 @@ def worker_ankus(name: str, args) -> dict:
     # loaded, the end of the before-training evaluation (the loop starts right after it), the
     # end of each iteration (its metrics row) and the scoring forwards.
     load_model, evaluate, score = ppo.load_model, ppo.evaluate, ppo._score_rollouts
+    generate, ppo_step, make_reference = ppo.generate, ppo._ppo_step, ppo._make_reference
+    ref_bytes = []
+
+    def make_reference_and_measure(model, method):
+        reference, mode = make_reference(model, method)
+        if mode == "hydra":  # the branch's own (copied) parameters; the rest is shared with the policy
+            ref_bytes.append(reference.hydra.num_owned_bytes())
+        elif mode == "copy":  # copy.deepcopy of the whole model
+            ref_bytes.append(sum(p.numel() * p.element_size() for p in model.parameters()))
+        return reference, mode
+    # ru_maxrss (a high-water mark) right after each phase of the first iteration: which phase
+    # raises the peak
+    phase_peak = {"start": 0, "generate": 0, "score": 0, "train": 0}
+
+    def first_iteration() -> bool:
+        return bool(marks["loop_start"]) and not marks["iter_end"]
+
+    def after(phase, fn):
+        def run(*a, **k):
+            out = fn(*a, **k)
+            if first_iteration():
+                phase_peak[phase] = phase_peak[phase] or peak_rss()
+            return out
+        return run
 
     def load_and_mark(*a, **k):
         out = load_model(*a, **k)
@@ -126,12 +175,15 @@ def worker_ankus(name: str, args) -> dict:
         out = evaluate(*a, **k)
         marks["loop_start"].append(time.perf_counter())
         marks["cpu_start"].append(time.process_time())
+        phase_peak["start"] = phase_peak["start"] or peak_rss()
         return out
 
     def score_and_time(*a, **k):
         t = time.perf_counter()
         out = score(*a, **k)
         marks["score_s"].append(time.perf_counter() - t)
+        if first_iteration():
+            phase_peak["score"] = phase_peak["score"] or peak_rss()
         return out
 
     class TimedLogger(MetricsLogger):
@@ -143,6 +195,8 @@ def worker_ankus(name: str, args) -> dict:
 
     ppo.load_model, ppo.evaluate, ppo._score_rollouts, ppo.MetricsLogger = (
         load_and_mark, evaluate_and_mark, score_and_time, TimedLogger)
+    ppo.generate, ppo._ppo_step = after("generate", generate), after("train", ppo_step)
+    ppo._make_reference = make_reference_and_measure
 
     tmp = Path(tempfile.mkdtemp(prefix="ankus-ppo-bench-"))
     prompts = write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in openings()])
@@ -151,7 +205,7 @@ def worker_ankus(name: str, args) -> dict:
         "model": {"spec": "smollm2-135m-instruct", "dtype": "float32"},
         "data": {"prompts": str(prompts), "template": TEMPLATE, "num_eval": 2},
         "generation": {"max_new_tokens": args.new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                       "chat_template": True},
+                       "chat_template": True, "packed_linears": not args.no_packed_linears},
         "method": {"estimator": spec["estimator"], "samples_per_prompt": K, "num_rollouts": N_PROMPTS * K,
                    "chunk_size": N_PROMPTS * K, "ppo_epochs": 1, "init_kl_coef": args.beta,
                    "reference": spec["reference"], "num_layers_unfrozen": spec["layers"]},
@@ -173,7 +227,8 @@ def worker_ankus(name: str, args) -> dict:
             "score_s": [i - g - t for i, g, t in zip(iter_s, gen_s, train_s)], "forwards_s": marks["score_s"],
             "train_s": train_s, "length": [r["response/length"] for r in rows],
             "reward": [r["reward/mean"] for r in rows], "trainable": rows[0]["perf/trainable_params"],
-            "peak_rss": peak_rss(), "rss_loaded": rss_loaded[0]}
+            "peak_rss": peak_rss(), "rss_loaded": rss_loaded[0], "peak_by_phase": phase_peak,
+            "reference_bytes": ref_bytes[0] if ref_bytes else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,6 +349,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads in every worker")
     p.add_argument("--only", help="comma-separated configuration names (see the module docstring)")
     p.add_argument("--extra", action="store_true", help="also run " + ", ".join(EXTRA))
+    p.add_argument("--no-packed-linears", action="store_true",
+                   help="ankus: generation.packed_linears=false (no cached oneDNN copy of the weights)")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -313,7 +370,8 @@ def main() -> None:
     if unknown:
         p.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
     argv = ["--iters", str(args.iters), "--new-tokens", str(args.new_tokens), "--lr", str(args.lr),
-            "--beta", str(args.beta), "--threads", str(args.threads)]
+            "--beta", str(args.beta), "--threads", str(args.threads)] + (
+                ["--no-packed-linears"] if args.no_packed_linears else [])
     rows = N_PROMPTS * K
     print(f"PPO-family benchmark: SmolLM2-135M-Instruct fp32, {N_PROMPTS} prompts x k={K} = {rows} completions/iter, "
           f"<= {args.new_tokens} new tokens, 1 optimizer step/iter, lr {args.lr}, beta {args.beta}, "
@@ -341,6 +399,10 @@ def main() -> None:
         print(f"  {'':15s} iterations: {' '.join(f'{t:.1f}' for t in r['iter_s'])} s, "
               f"CPU {' '.join(f'{t:.1f}' for t in r['iter_cpu_s'])} s   (child wall {r['wall_s']:.0f} s, "
               f"threads {r['threads']}, 1-min load {r['load'][0]:.1f} -> {r['load'][1]:.1f})", flush=True)
+        if "peak_by_phase" in r:
+            print(f"  {'':15s} peak RSS by the end of iteration 1's phases: "
+                  + ", ".join(f"{k} {v / 2**20:.0f} MB" for k, v in r["peak_by_phase"].items())
+                  + f"; reference weights {r['reference_bytes'] / 2**20:.0f} MB", flush=True)
 
     def ratio(label: str, num: str, den: str, fn, goal: str) -> None:
         if num in results and den in results:
@@ -357,6 +419,8 @@ def main() -> None:
           lambda h, c: h["peak_rss"] / c["peak_rss"], "<= 0.7x")
     ratio("Hydra / separate reference, peak RSS above the loaded model", "ankus-hydra", "ankus-copy",
           lambda h, c: (h["peak_rss"] - h["rss_loaded"]) / (c["peak_rss"] - c["rss_loaded"]), "<= 0.7x")
+    ratio("Hydra / separate reference, the reference's own weights", "ankus-hydra", "ankus-copy",
+          lambda h, c: h["reference_bytes"] / c["reference_bytes"], "none set")
     ratio("Hydra s/iter / separate-reference s/iter", "ankus-hydra", "ankus-copy",
           lambda h, c: h["median_iter_s"] / c["median_iter_s"], "none set")
     if args.json:
