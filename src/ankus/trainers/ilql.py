@@ -11,6 +11,12 @@ Q (two heads), target Q (Polyak copies) and V; :func:`ankus.losses.ilql.ilql_los
 Bellman, expectile, CQL and AWAC terms; after every ``steps_for_target_q_sync`` optimizer steps
 the target heads move toward the online ones by ``alpha``.
 
+With the LM frozen (``num_layers_unfrozen: 0``, no LoRA) the trunk's hidden states and the LM's
+cross-entropy of every sample are computed once (:func:`cache_trunk`) and a step runs the heads
+alone; with ``cql_scale`` 0 too, the Q heads are read at the taken tokens only and a step never
+projects onto the vocabulary. ``q_head: unembedding`` swaps trlX's vocabulary-wide Q heads for
+ones read out through the LM's frozen unembedding (:class:`ankus.models.heads.UnembeddingQHead`).
+
 Generation samples from ``log_softmax(logits) + β·(min_i Q̂_i − V)`` with top-k (trlX uses the
 min over the *target* heads); β = 0 is plain sampling from the LM. Evaluation sweeps β.
 
