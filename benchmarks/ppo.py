@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/ppo.py                       # 1 warm-up + 2 measured iterations each
     .venv/bin/python benchmarks/ppo.py --iters 2 --new-tokens 16 --only ankus-grpo,trl-grpo
     .venv/bin/python benchmarks/ppo.py --extra               # also ankus-copy-all and ankus-rloo
+    .venv/bin/python benchmarks/ppo.py --only ankus-grpo --separate-behaviour-forward  # without the shortcut
 
 Every configuration trains SmolLM2-135M-Instruct (fp32, CPU) on the same 8 review openings
 (``review_openings("train")[:8]`` in the sentiment recipe's template, wrapped in the chat
@@ -63,12 +64,26 @@ ratio is the one to trust; peak RSS does not depend on load::
   Hydra / separate reference peak RSS: 0.78x whole process, 0.75x above the loaded model (goal <= 0.7x:
   not met); the reference's own weights 27 MB vs 513 MB (0.05x); Hydra s/iter 0.56x the copy's
 
-Where the time goes (ankus-grpo vs trl-grpo, wall under the same load): generation 43 vs 54 s,
-rollout scoring 73 vs 44 s, the optimizer step 110 vs 172 s. ankus's scoring is slower because
-it runs a no-grad policy forward for the behaviour log-probs as well as the reference forward;
-TRL skips the former when each rollout batch gets one update (num_iterations=1), since the
-behaviour log-probs are then the training forward's own. The same shortcut for GRPO with
-ppo_epochs=1 and one minibatch is the next clear win (not done). Memory: Hydra's peak is set
+Where the time went then (ankus-grpo vs trl-grpo, wall under the same load): generation 43 vs
+54 s, rollout scoring 73 vs 44 s, the optimizer step 110 vs 172 s. ankus's scoring was slower
+because it ran a no-grad policy forward for the behaviour log-probs as well as the reference
+forward; TRL skips the former when each rollout batch gets one update (num_iterations=1), since
+the behaviour log-probs are then the training forward's own. ankus now does the same for GRPO
+with ppo_epochs=1 and one minibatch (``method.reuse_update_forward``, on by default; exact:
+tests/unit/test_ppo_trainer.py). Re-measured, GRPO only (2026-11-26 09:04 UTC, same versions,
+``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ppo.py --threads 1 --only ankus-grpo,trl-grpo``;
+the 2 cores still shared with another job, 1-min load 3-4, but wall ~ CPU time this time, so the
+absolute times are ~4x below the first table's and only the ratios compare)::
+
+  config           s/iter    gen  score  train  rows/s   cpu-s  peak RSS  +loaded   len  reward  trainable
+  ankus-grpo        41.56   8.39   7.74  25.44    0.77    40.8   8251 MB  7852 MB  30.8  +0.121     134.5M
+  trl-grpo          55.97  10.74   8.84  36.39    0.57    55.2  10077 MB  9566 MB  30.6  +0.061     134.5M
+  ankus GRPO throughput / TRL GRPO throughput: 1.35x (CPU seconds: 1.35x)   goal >= 1.5x: not met
+
+Scoring is now below TRL's (7.7 vs 8.8 s: the reference forward alone). The same ankus
+configuration with ``--separate-behaviour-forward`` right after (load 1-3): 47.8 CPU-s/iter
+(score 20.9 s wall), so the shortcut saves ~7 CPU-s (15%) an iteration. 1.5x needs ~37 s/iter,
+4 s less; the optimizer step (25 vs 36 s) is the largest part left. Memory: Hydra's peak is set
 by what both configurations share (torch, the policy, its packed generation weights ~1.5 GB at
 the start; rollout logits and hidden states at scoring, +0.7 GB), so removing the 0.5 GB
 reference copy gives 0.78x, not 0.7x.
@@ -208,7 +223,8 @@ def worker_ankus(name: str, args) -> dict:
                        "chat_template": True, "packed_linears": not args.no_packed_linears},
         "method": {"estimator": spec["estimator"], "samples_per_prompt": K, "num_rollouts": N_PROMPTS * K,
                    "chunk_size": N_PROMPTS * K, "ppo_epochs": 1, "init_kl_coef": args.beta,
-                   "reference": spec["reference"], "num_layers_unfrozen": spec["layers"]},
+                   "reference": spec["reference"], "num_layers_unfrozen": spec["layers"],
+                   "reuse_update_forward": not args.separate_behaviour_forward},
         "trainer": {"lr": args.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
                     "batch_size": N_PROMPTS * K, "total_steps": args.iters, "max_grad_norm": 1.0,
                     "warmup_steps": 0, "seed": 0, "log_every": 1},
@@ -351,6 +367,8 @@ def main() -> None:
     p.add_argument("--extra", action="store_true", help="also run " + ", ".join(EXTRA))
     p.add_argument("--no-packed-linears", action="store_true",
                    help="ankus: generation.packed_linears=false (no cached oneDNN copy of the weights)")
+    p.add_argument("--separate-behaviour-forward", action="store_true",
+                   help="ankus: method.reuse_update_forward=false (GRPO runs the no-grad behaviour forward anyway)")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -371,7 +389,8 @@ def main() -> None:
         p.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
     argv = ["--iters", str(args.iters), "--new-tokens", str(args.new_tokens), "--lr", str(args.lr),
             "--beta", str(args.beta), "--threads", str(args.threads)] + (
-                ["--no-packed-linears"] if args.no_packed_linears else [])
+                ["--no-packed-linears"] if args.no_packed_linears else []) + (
+                ["--separate-behaviour-forward"] if args.separate_behaviour_forward else [])
     rows = N_PROMPTS * K
     print(f"PPO-family benchmark: SmolLM2-135M-Instruct fp32, {N_PROMPTS} prompts x k={K} = {rows} completions/iter, "
           f"<= {args.new_tokens} new tokens, 1 optimizer step/iter, lr {args.lr}, beta {args.beta}, "

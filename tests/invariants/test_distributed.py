@@ -209,6 +209,32 @@ def _train(tmp_path: Path, n: int, recipe: str, *overrides: str) -> list[str]:
     return _torchrun(n, *args) if n > 1 else [sys.executable, *args]
 
 
+def test_grpo_reused_update_forward_two_processes_equal_one(tmp_path):
+    # GRPO, one epoch of one minibatch: the behaviour log-probs come from the update's forward on
+    # each process's block of rows; the KL fed to the controller is still the global batch's.
+    (tmp_path / "rank_reward.py").write_text(REWARD)
+    common = ["model.spec=tiny-llama", "trainer.total_steps=2", "trainer.lr=1e-3", "trainer.checkpoint_every=2",
+              "method.estimator=grpo", "method.samples_per_prompt=2", "method.reference=copy",
+              "method.chunk_size=4", "method.ppo_epochs=1", "method.num_layers_unfrozen=2", "method.target=1.0",
+              "method.init_kl_coef=0.05", "generation.max_new_tokens=6", "data.num_eval=2",
+              "reward.name=rank_reward:vowels", "run.save_model=false"]
+
+    def run(name: str, n: int, *extra: str) -> list[str]:
+        return _train(tmp_path, n, "ppo_sentiment", *common, *extra, f"run.name={name}",
+                      f"reward.kwargs={{log: {tmp_path / (name + '.log')}}}")
+
+    _run_all({"one": run("one", 1, "method.num_rollouts=8", "trainer.batch_size=8"),
+              "two": run("two", 2, "method.num_rollouts=4", "trainer.batch_size=4")}, _env(tmp_path), timeout=300)
+    ck = "checkpoints/step-00000002"
+    diff = _max_diff(tmp_path / "one" / ck / "policy.safetensors", tmp_path / "two" / ck / "policy.safetensors")
+    print(f"GRPO (reused update forward): max |param diff| 2 processes vs 1: {diff:.3g}")
+    assert diff <= TOL, diff
+    for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")):
+        assert a["policy/ratio_mean"] == b["policy/ratio_mean"] == 1.0  # the shortcut ran on both sides
+        for key in ("reward/mean", "kl/mean", "kl/beta", "loss/pg", "loss/kl", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+
 def test_dpo_two_processes_equal_one_with_the_global_batch(tmp_path):
     common = ["trainer.total_steps=4", "trainer.lr=1e-3", "method.ref_batch_size=8"]
     _run_all({
@@ -259,7 +285,7 @@ def test_ppo_two_processes_equal_one_with_the_global_batch(tmp_path):
     common = ["model.spec=tiny-llama", "trainer.total_steps=2", "trainer.lr=1e-3", "trainer.checkpoint_every=2",
               "method.chunk_size=4", "method.ppo_epochs=2", "method.num_layers_unfrozen=2",
               "method.scale_reward=running", "method.target=1.0", "generation.max_new_tokens=6",
-              "data.num_eval=2", "reward.name=rank_reward:vowels", "run.save_model=false"]
+              "data.num_eval=2", "data.eval_samples=1", "reward.name=rank_reward:vowels", "run.save_model=false"]
 
     def run(name: str, n: int, *extra: str) -> list[str]:
         return _train(tmp_path, n, "ppo_sentiment", *common, *extra, f"run.name={name}",

@@ -188,3 +188,56 @@ def test_eval_samples_scores_each_held_out_prompt_k_times(tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "r" / "eval_before_after.csv")))
     assert len(rows) == 6 and [r["sample"] for r in rows] == ["0", "1"] * 3
     assert "(3 prompts x 2 samples; s.e." in capsys.readouterr().out
+
+
+def _grpo_runs(tmp_path, monkeypatch, ppo_epochs):
+    """Two GRPO runs, the update's forward reused for the behaviour log-probs or not; their end
+    parameters, metrics and whether each scoring phase ran the policy forward."""
+    from ankus.trainers import ppo
+
+    score = ppo._score_rollouts
+    calls: list[bool] = []
+
+    def recording(*a, **k):
+        calls.append(k.get("behaviour", True))
+        return score(*a, **k)
+
+    monkeypatch.setattr(ppo, "_score_rollouts", recording)
+    ends, metrics, behaviour = [], [], []
+    for reuse in (True, False):
+        calls.clear()
+        # one minibatch of all 8 rollouts; adaptive β, so the KL fed to the controller counts too
+        method = {"estimator": "grpo", "samples_per_prompt": 2, "reference": "copy", "num_layers_unfrozen": -1,
+                  "ppo_epochs": ppo_epochs, "init_kl_coef": 0.05, "target": 0.01, "horizon": 100,
+                  "reuse_update_forward": reuse}
+        ankus.train(_recipe(tmp_path / str(reuse), method=method, trainer={"batch_size": 8, "total_steps": 3}),
+                    reward_fn=length_reward)
+        ends.append(AutoModelForCausalLM.from_pretrained(tmp_path / str(reuse) / "r" / "model").state_dict())
+        metrics.append(read_metrics(tmp_path / str(reuse) / "r" / "metrics.jsonl"))
+        behaviour.append(list(calls))
+    diff = max(float((ends[0][n] - ends[1][n]).abs().max()) for n in ends[0])
+    return diff, metrics, behaviour
+
+
+def test_grpo_one_update_reuses_its_forward_for_the_behaviour_logps(tmp_path, monkeypatch):
+    # One epoch of one minibatch: the behaviour log-probs are the update's own forward, detached,
+    # so the scoring phase runs only the reference; the run ends where the separate forward's does.
+    diff, metrics, behaviour = _grpo_runs(tmp_path, monkeypatch, ppo_epochs=1)
+    assert behaviour == [[False] * 3, [True] * 3]
+    assert diff < 1e-6, diff
+    for a, b in zip(*metrics):
+        assert math.isclose(a["kl/mean"], b["kl/mean"], rel_tol=1e-5, abs_tol=1e-6)
+        assert math.isclose(a["kl/beta"], b["kl/beta"], rel_tol=1e-6)
+        assert a["policy/ratio_mean"] == 1.0 and a["policy/approx_kl"] == 0.0  # exactly the current policy
+        assert math.isclose(a["loss/kl"], b["loss/kl"], rel_tol=1e-5, abs_tol=1e-7)
+
+
+def test_grpo_several_epochs_keep_the_separate_behaviour_forward(tmp_path, monkeypatch):
+    # With ppo_epochs > 1 the later updates need the rollout-time log-probs: nothing changes.
+    diff, metrics, behaviour = _grpo_runs(tmp_path, monkeypatch, ppo_epochs=2)
+    assert behaviour == [[True] * 3, [True] * 3]
+    assert diff == 0.0
+    def untimed(row):
+        return {k: v for k, v in row.items() if not k.startswith(("time/", "perf/tokens"))}
+
+    assert [untimed(r) for r in metrics[0]] == [untimed(r) for r in metrics[1]]

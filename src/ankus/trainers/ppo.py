@@ -4,7 +4,9 @@ One iteration:
   1. rollouts: ``num_rollouts`` responses sampled by the generation engine in chunks of
      ``chunk_size`` (``samples_per_prompt`` per prompt), scored by the reward function;
   2. one no-grad forward gives the behaviour log-probs, values and the reference log-probs
-     (Hydra branch, LoRA-disabled model, or a frozen copy);
+     (Hydra branch, LoRA-disabled model, or a frozen copy); when nothing reads the behaviour
+     log-probs before the one and only update (GRPO, one epoch, one minibatch) they are taken from
+     that update's forward instead (``method.reuse_update_forward``);
   3. rewards = clipped score at the last response token − β·(logp − logp_ref) per token;
      advantages by GAE (critic) or RLOO / GRPO (critic-free), whitened over response tokens only;
   4. ``ppo_epochs`` passes over the rollouts in shuffled minibatches of ``trainer.batch_size``:
@@ -98,6 +100,11 @@ class PPOMethod:
     """Hydra: keep each rollout's hidden state at the split (B x T x H floats) from the scoring
     forward, so every PPO step runs only the top N blocks instead of the whole frozen trunk again
     (same numbers; false = recompute, less memory)."""
+    reuse_update_forward: bool = True
+    """GRPO with ppo_epochs 1 and one minibatch (each rollout batch gets one optimizer step, TRL's
+    num_iterations=1), reference lora/copy: the behaviour log-probs equal the update's own forward,
+    detached, so the separate no-grad policy forward of the scoring phase is skipped (same numbers;
+    false = run it anyway)."""
 
 
 @dataclass
@@ -238,6 +245,18 @@ class TrunkCache:
 def _set_seed(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _has_dropout(model) -> bool:
+    """Whether a training-mode forward may differ from an eval-mode one (dropout modules, or a
+    config's attention/hidden dropout probability above 0)."""
+    if any(isinstance(mod, torch.nn.Dropout) and mod.p > 0 for mod in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+               for k, v in (vars(config).items() if config is not None else ())
+               if (k.endswith("dropout") or k.endswith("_pdrop")) and not k.startswith(("classifier", "summary")))
 
 
 def _make_reference(model, method: PPOMethod):
@@ -386,6 +405,13 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
     reference, ref_mode = _make_reference(model, m)
     policy = reference.policy  # the model to train (a peft model under LoRA)
     trunk = TrunkCache(policy, reference.hidden_index) if ref_mode == "hydra" and m.cache_trunk else None
+    # Behaviour log-probs from the update's own forward: exact when nothing reads them before the
+    # update and that update is the first and only one on these rollouts (GRPO: advantages do not
+    # use them; one epoch of one minibatch), the reference needs no policy hidden state (not Hydra),
+    # and the no-grad (eval) and training forwards compute the same function (no dropout).
+    reuse_forward = (m.reuse_update_forward and m.estimator == "grpo" and m.ppo_epochs == 1
+                     and m.num_rollouts <= tc.batch_size and reference.hidden_index is None
+                     and not _has_dropout(policy))
     hidden_size = model.config.get_text_config().hidden_size
     value_head = ValueHead(hidden_size) if m.estimator == "gae" else None
     if value_head is not None:
@@ -460,12 +486,12 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
             with torch.no_grad():
                 old_logps, old_values, ref_logps, *split_hidden = _score_rollouts(
                     policy, value_head, reference, input_ids, attn, out.response_ids, n_resp, m.chunk_size,
-                    keep_hidden=trunk is not None)
+                    keep_hidden=trunk is not None, behaviour=not reuse_forward)
             split_hidden = split_hidden[0] if split_hidden else None  # (B, P+N, H) or None
             if ds.enabled:  # every process gets every rollout: what follows sees the global batch
-                input_ids, attn, response_ids, mask, scores, old_logps, ref_logps = (
-                    distributed.all_gather_cat(t)
-                    for t in (input_ids, attn, response_ids, mask, scores, old_logps, ref_logps))
+                input_ids, attn, response_ids, mask, scores, ref_logps = (
+                    distributed.all_gather_cat(t) for t in (input_ids, attn, response_ids, mask, scores, ref_logps))
+                old_logps = None if old_logps is None else distributed.all_gather_cat(old_logps)
                 old_values = None if old_values is None else distributed.all_gather_cat(old_values)
                 split_hidden = None if split_hidden is None else distributed.all_gather_cat(split_hidden)
             seq_scores = scores if scores.dim() == 1 else scores.sum(1)
@@ -481,7 +507,7 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
                 rewards, kl = per_token_rewards(scores, old_logps, ref_logps, mask, beta)
                 advantages, returns = gae_advantages(rewards, old_values, mask, m.gamma, m.lam)
             else:
-                kl = (old_logps - ref_logps) * mask
+                kl = None if old_logps is None else (old_logps - ref_logps) * mask  # None: after the update
                 seq = seq_scores if scores.dim() == 1 else scores.sum(1)
                 if m.estimator == "rloo":  # KL in the sequence reward (Ahmadian et al. 2024)
                     seq_adv = rloo_advantages(seq - beta * kl.sum(1), m.samples_per_prompt)
@@ -490,13 +516,14 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
                 advantages, returns = sequence_to_token_advantages(seq_adv, mask), None
             if m.whiten_advantages and m.estimator == "gae":
                 advantages = masked_whiten(advantages, mask)
-            mean_kl = float(kl.sum(1).mean())
+            mean_kl = None if kl is None else float(kl.sum(1).mean())
             # ---- 3. PPO epochs ---------------------------------------------------------------
             t1 = time.perf_counter()
             policy.train()
             stats: dict[str, list[float]] = {}
             B = input_ids.shape[0]
             mb_size = tc.batch_size * ds.world_size  # a global minibatch: batch_size rollouts per process
+            behaviour: list[torch.Tensor] = []  # reuse_forward: the update's own log-probs, detached
             for _ in range(m.ppo_epochs):
                 order = torch.randperm(B, generator=gen)
                 for s in range(0, B, mb_size):
@@ -505,12 +532,18 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
                     # its losses count with its share of the minibatch's tokens (1 for one process)
                     share = float(mask[idx].sum()) / max(float(mask[minibatch].sum()), 1.0)
                     step_stats = _ppo_step(policy, value_head, opt, params, cfg, beta, guard, input_ids[idx], attn[idx],
-                                           response_ids[idx], mask[idx], old_logps[idx], ref_logps[idx],
+                                           response_ids[idx], mask[idx],
+                                           None if old_logps is None else old_logps[idx], ref_logps[idx],
                                            None if old_values is None else old_values[idx], advantages[idx],
                                            None if returns is None else returns[idx], n_resp, share,
-                                           trunk=trunk, hidden=None if split_hidden is None else split_hidden[idx])
+                                           trunk=trunk, hidden=None if split_hidden is None else split_hidden[idx],
+                                           behaviour=behaviour)
                     for k, v in step_stats.items():
                         stats.setdefault(k, []).append(v)
+            if mean_kl is None:  # the behaviour log-probs came from the update: the KL over every process's rows
+                idx = order[slice(*distributed.shard_bounds(B))]  # one minibatch: this process's rows
+                kl_sum = ((behaviour[0] - ref_logps[idx]) * mask[idx]).sum()
+                mean_kl = float(distributed.all_reduce_sum(kl_sum.double().reshape(1))) / B
             kl_ctl.update(mean_kl, n_steps=B)
             t_train = time.perf_counter() - t1
             n_tokens = float(mask.sum())
@@ -562,35 +595,48 @@ def _scores_tensor(raw, mask: torch.Tensor, dense: bool) -> torch.Tensor:
 
 
 def _score_rollouts(policy, value_head, reference, input_ids, attn, response_ids, n_resp, chunk,
-                    keep_hidden: bool = False):
+                    keep_hidden: bool = False, behaviour: bool = True):
     """Behaviour log-probs, values and reference log-probs, in chunks, without grad. -> 3 × (B, N);
-    ``keep_hidden`` (Hydra) adds the hidden state at the split, (B, T, H), for ``TrunkCache``."""
+    ``keep_hidden`` (Hydra) adds the hidden state at the split, (B, T, H), for ``TrunkCache``.
+    ``behaviour=False`` (no value head, no Hydra): only the reference runs; log-probs are None."""
+    if not behaviour and (value_head is not None or keep_hidden or reference.hidden_index is not None):
+        raise ValueError("the policy forward can be skipped only without a value head and a Hydra reference")
     logps, values, ref_logps, hiddens = [], [], [], []
     for s in range(0, input_ids.shape[0], chunk):
         ids, am, resp = input_ids[s:s + chunk], attn[s:s + chunk], response_ids[s:s + chunk]
-        logits, v, hidden = policy_forward(policy, value_head, ids, am, n_resp, reference.hidden_index)
-        logps.append(logprobs_from_logits(logits, resp))
-        values.append(v if v is not None else torch.zeros_like(resp, dtype=torch.float32))
+        hidden = None
+        if behaviour:
+            logits, v, hidden = policy_forward(policy, value_head, ids, am, n_resp, reference.hidden_index)
+            logps.append(logprobs_from_logits(logits, resp))
+            values.append(v if v is not None else torch.zeros_like(resp, dtype=torch.float32))
         ref_logps.append(reference.logps(ids, am, hidden, n_resp))
         if keep_hidden:
             hiddens.append(hidden)
-    out = torch.cat(logps), (torch.cat(values) if value_head is not None else None), torch.cat(ref_logps)
+    out = (torch.cat(logps) if behaviour else None, (torch.cat(values) if value_head is not None else None),
+           torch.cat(ref_logps))
     return (*out, torch.cat(hiddens)) if keep_hidden else out
 
 
 def _ppo_step(policy, value_head, opt, params, cfg: Config, beta, guard: NonFiniteGuard, ids, am, resp, mask,
               old_logps, ref_logps, old_values, advantages, returns, n_resp, share: float = 1.0,
-              trunk: TrunkCache | None = None, hidden: torch.Tensor | None = None) -> dict[str, float]:
+              trunk: TrunkCache | None = None, hidden: torch.Tensor | None = None,
+              behaviour: list | None = None) -> dict[str, float]:
     """One optimizer step on this process's block of a minibatch. ``share`` = its fraction of the
     minibatch's response tokens: the token-mean losses are scaled by it, so that the gradients
     summed over processes (and the reported statistics) are those of the whole minibatch.
-    With ``trunk`` and ``hidden`` (Hydra), only the top blocks run, from the cached split state."""
+    With ``trunk`` and ``hidden`` (Hydra), only the top blocks run, from the cached split state.
+    ``old_logps=None`` (the first update on these rollouts, nothing changed yet): the behaviour
+    log-probs are this forward's, detached (ratio 1, the gradient of ρ), appended to ``behaviour``."""
     m, tc = cfg.method, cfg.trainer
     if trunk is not None and hidden is not None:
         logits, values = trunk.forward(value_head, hidden, am, n_resp)
     else:
         logits, values, _ = policy_forward(policy, value_head, ids, am, n_resp)
     logps = logprobs_from_logits(logits, resp)  # (b, N)
+    if old_logps is None:
+        old_logps = logps.detach()
+        if behaviour is not None:
+            behaviour.append(old_logps)
     pg_loss, pg_stats = policy_loss(logps, old_logps, advantages, mask, m.cliprange)
     loss = pg_loss
     out = {"loss/pg": float(pg_loss.detach()), **{f"policy/{k}": float(v) for k, v in pg_stats.items()}}
