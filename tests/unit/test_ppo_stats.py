@@ -101,8 +101,9 @@ def test_masked_whiten_moments_property(B, T, seed):
     out = masked_whiten(x, mask)
     vals = out[mask].numpy()
     assert abs(vals.mean()) < 1e-9
-    if x[mask].std() > 1e-3:
-        assert vals.var() == pytest.approx(1.0, abs=1e-6)  # population variance
+    # population variance: exactly sigma^2 / (sigma^2 + eps), eps = 1e-8 (near 1 unless sigma is tiny)
+    var = float(x[mask].var(unbiased=False))
+    assert vals.var() == pytest.approx(var / (var + 1e-8), abs=1e-9)
     assert torch.all(out[~mask] == 0)
     # Independent of the padding's content.
     x2 = x.clone()
