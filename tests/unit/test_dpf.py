@@ -274,3 +274,19 @@ def test_cli_pairs_step(tmp_path):
     assert main(["dpf", "pairs", "--split", "eval", "--limit", "4", "--out", str(out)]) == 0
     rows = read_jsonl(out, required=("x", "y"))
     assert len(rows) == 4 and {r["split"] for r in rows} == {"eval"}
+
+
+def test_lm_judge_parses_yes_no_and_reports_a_rate(tiny):
+    replies = iter(["Yes, it does.", "no", "Maybe?"])
+    judge = Scripted(lambda conv, attempt: next(replies))
+    verdicts = dpf.judge_mentions(judge, ["NYC!", "Chicago.", "hm"], [CITY, CITY, CITY])
+    assert verdicts == [True, False, None]
+    echo = Scripted(lambda conv, a: last(conv))  # answers with the question itself: neither yes nor no
+    assert dpf.judge_mentions(echo, ["x"], [CITY]) == [None]
+    assert "mention New York City (also called NYC)? Answer yes or no." in next(iter(echo.seen))
+    model, tok = tiny
+    base = LocalChat(model=model, tokenizer=tok, seed=0)
+    always_yes = Scripted(lambda conv, a: "yes")
+    _, table = dpf.evaluate(base, None, [_dialogue(CITY, "")], dpf.EvalConfig(max_new_tokens=3), judge=always_yes)
+    assert [r["judge_x_rate"] for r in table] == [1.0, 1.0, 1.0]
+    assert "judge X rate" in dpf.format_table(table)
