@@ -604,11 +604,14 @@ def _generate_chunk(model, tokenizer, prompt_ids: list[list[int]], uncond_ids: l
     return GenerationOutput(ids, mask, response, response_mask, logprobs, texts)
 
 
-def _concat(outputs: list[GenerationOutput], pad_id: int) -> GenerationOutput:
-    if len(outputs) == 1:
+def concat_outputs(outputs: list[GenerationOutput], pad_id: int, prompt_width: int | None = None,
+                   response_width: int | None = None) -> GenerationOutput:
+    """Several outputs as one batch: prompts left-padded, responses right-padded to the widest
+    (or to the given widths, e.g. the widest over all processes)."""
+    P = max(o.prompt_ids.shape[1] for o in outputs) if prompt_width is None else prompt_width
+    N = max(o.response_ids.shape[1] for o in outputs) if response_width is None else response_width
+    if len(outputs) == 1 and outputs[0].prompt_ids.shape[1] == P and outputs[0].response_ids.shape[1] == N:
         return outputs[0]
-    P = max(o.prompt_ids.shape[1] for o in outputs)
-    N = max(o.response_ids.shape[1] for o in outputs)
 
     def pad(t: Tensor, width: int, value, left: bool) -> Tensor:
         extra = width - t.shape[1]
@@ -673,4 +676,4 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
                 outputs.append(_generate_chunk(model, tokenizer, chunk, u_chunk, config, eos, pad_id, generator))
     finally:
         model.train(was_training)
-    return _concat(outputs, pad_id)
+    return concat_outputs(outputs, pad_id)

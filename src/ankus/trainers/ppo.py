@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ankus import distributed
 from ankus.config import ModelConfig, RunConfig, TrainerConfig
-from ankus.generation.engine import GenerationConfig, GenerationOutput, generate
+from ankus.generation.engine import GenerationConfig, GenerationOutput, concat_outputs, generate
 from ankus.losses.ppo import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from ankus.models.heads import ValueHead
 from ankus.models.loading import load_model
@@ -356,19 +356,7 @@ def _generate_rollouts(policy, tok, prompts: list[str], cfg: Config, gen: torch.
     widths = torch.tensor([max(o.prompt_ids.shape[1] for o in outs), max(o.response_ids.shape[1] for o in outs)])
     P, N = distributed.all_reduce_max(widths).tolist()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-    def pad(t: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
-        extra = width - t.shape[1]
-        return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value) if extra else t
-
-    return GenerationOutput(
-        prompt_ids=torch.cat([pad(o.prompt_ids, P, pad_id, True) for o in outs]),
-        prompt_mask=torch.cat([pad(o.prompt_mask, P, 0, True) for o in outs]),
-        response_ids=torch.cat([pad(o.response_ids, N, pad_id, False) for o in outs]),
-        response_mask=torch.cat([pad(o.response_mask, N, 0, False) for o in outs]),
-        logprobs=torch.cat([pad(o.logprobs, N, 0.0, False) for o in outs]),
-        texts=[t for o in outs for t in o.texts],
-    )
+    return concat_outputs(outs, pad_id, P, N)
 
 
 def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) -> dict[str, Any]:
