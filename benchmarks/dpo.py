@@ -41,12 +41,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from _workers import run_worker  # benchmarks/_workers.py (this directory is on sys.path when run as a script)
 
 
 class PeakRSS:
@@ -220,16 +221,6 @@ def worker_trl(args) -> dict:
             "breakdown": parts.total if args.breakdown else None}
 
 
-def run_worker(name: str, argv: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-    raise SystemExit(f"the {name} worker failed (exit {proc.returncode})")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=6)
@@ -261,7 +252,9 @@ def main() -> None:
           f"lr {args.lr}, beta {args.beta}, CPU ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})")
     results = {}
     for name in names:
-        results[name] = r = run_worker(name, argv)
+        results[name] = r = run_worker(__file__, name, argv)
+        if r is None:
+            raise SystemExit(f"the {name} worker failed")
         timed = r["step_s"][args.warmup:] or r["step_s"]
         r["median_step_s"] = statistics.median(timed)
         extra = (f"reference pass {r['ref_precompute_s']:.1f} s" if name == "ankus"

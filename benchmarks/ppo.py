@@ -96,11 +96,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _workers import run_worker  # benchmarks/_workers.py (this directory is on sys.path when run as a script)
 
 TEMPLATE = 'Continue this movie review in two sentences: "{prompt}"'  # recipes/ppo_sentiment.yaml's
 N_PROMPTS, K = 8, 4
@@ -339,17 +340,6 @@ def worker_trl(name: str, args) -> dict:
 # driver
 
 
-def run_worker(name: str, argv: list[str]) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", name, *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-    print(f"  {name:15s} FAILED (exit {proc.returncode}; its output is above, on stderr)", flush=True)
-    return None
-
-
 def median_after_warmup(xs: list[float], warmup: int) -> float:
     xs = [x for x in xs if x is not None]
     return statistics.median(xs[warmup:] or xs) if xs else float("nan")
@@ -402,7 +392,7 @@ def main() -> None:
     results = {}
     for name in names:
         t0, load0 = time.perf_counter(), os.getloadavg()[0]
-        r = run_worker(name, argv)
+        r = run_worker(__file__, name, argv)
         if r is None:  # reported; the other configurations still run
             continue
         r["wall_s"], r["load"] = time.perf_counter() - t0, [load0, os.getloadavg()[0]]

@@ -61,6 +61,14 @@ def _max_diff(a: Path, b: Path) -> float:
     return max(float((ta[k] - tb[k]).abs().max()) for k in ta)
 
 
+def _assert_same_params(a: Path, b: Path, label: str) -> float:
+    """The largest |difference| between two safetensors files, printed and checked against TOL."""
+    diff = _max_diff(a, b)
+    print(f"{label}: max |param diff| {diff:.3g}")
+    assert diff <= TOL, (label, diff)
+    return diff
+
+
 # ---------------------------------------------------------------------------------------------
 # the helpers, one process
 
@@ -226,9 +234,8 @@ def test_grpo_reused_update_forward_two_processes_equal_one(tmp_path):
     _run_all({"one": run("one", 1, "method.num_rollouts=8", "trainer.batch_size=8"),
               "two": run("two", 2, "method.num_rollouts=4", "trainer.batch_size=4")}, _env(tmp_path), timeout=300)
     ck = "checkpoints/step-00000002"
-    diff = _max_diff(tmp_path / "one" / ck / "policy.safetensors", tmp_path / "two" / ck / "policy.safetensors")
-    print(f"GRPO (reused update forward): max |param diff| 2 processes vs 1: {diff:.3g}")
-    assert diff <= TOL, diff
+    _assert_same_params(tmp_path / "one" / ck / "policy.safetensors", tmp_path / "two" / ck / "policy.safetensors",
+                        "GRPO (reused update forward) 2 processes vs 1")
     for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")):
         assert a["policy/ratio_mean"] == b["policy/ratio_mean"] == 1.0  # the shortcut ran on both sides
         for key in ("reward/mean", "kl/mean", "kl/beta", "loss/pg", "loss/kl", "grad_norm"):
@@ -242,9 +249,8 @@ def test_dpo_two_processes_equal_one_with_the_global_batch(tmp_path):
         "two": _train(tmp_path, 2, "recipes/dpo_tiny.yaml", *common, "trainer.batch_size=4", "run.name=two"),
     }, _env(tmp_path))
     one, two = tmp_path / "one", tmp_path / "two"
-    diff = _max_diff(one / "model" / "model.safetensors", two / "model" / "model.safetensors")
-    print(f"DPO max |param diff| 2 processes vs 1: {diff:.3g}")
-    assert diff <= TOL
+    diff = _assert_same_params(one / "model" / "model.safetensors", two / "model" / "model.safetensors",
+                               "DPO 2 processes vs 1")
     # the parameters did move, by far more than that
     trained = load_file(str(one / "checkpoints" / "step-00000004" / "model.safetensors"))
     assert diff < 1e-2 * _moved_from_init("tiny-llama", trained)
@@ -300,10 +306,9 @@ def test_ppo_two_processes_equal_one_with_the_global_batch(tmp_path):
     ck = "checkpoints/step-00000002"
     for name in ("two", "two_main"):
         for module in ("policy", "value_head"):
-            diff = _max_diff(tmp_path / "one" / ck / f"{module}.safetensors",
-                             tmp_path / name / ck / f"{module}.safetensors")
-            print(f"PPO ({name}) {module}: max |param diff| 2 processes vs 1: {diff:.3g}")
-            assert diff <= TOL, (name, module, diff)
+            _assert_same_params(tmp_path / "one" / ck / f"{module}.safetensors",
+                                tmp_path / name / ck / f"{module}.safetensors",
+                                f"PPO ({name}) {module} 2 processes vs 1")
 
     # statistics are the global batch's: reward mean/std, the KL fed to the controller, beta, losses
     ma = read_metrics(tmp_path / "one")
@@ -339,9 +344,8 @@ def test_sft_two_processes_equal_one_with_the_global_batch(tmp_path):
         "two": _train(tmp_path, 2, "recipes/sft_tiny.yaml", *common, "trainer.batch_size=4", "run.name=two"),
     }, _env(tmp_path))
     one, two = tmp_path / "one", tmp_path / "two"
-    diff = _max_diff(one / "model" / "model.safetensors", two / "model" / "model.safetensors")
-    print(f"SFT max |param diff| 2 processes vs 1: {diff:.3g}")
-    assert diff <= TOL
+    diff = _assert_same_params(one / "model" / "model.safetensors", two / "model" / "model.safetensors",
+                               "SFT 2 processes vs 1")
     trained = load_file(str(one / "model" / "model.safetensors"))
     assert diff < 1e-2 * _moved_from_init("tiny-llama", trained)
     # the token-mean loss, the global target count and the held-out loss are the whole batch's
@@ -369,9 +373,7 @@ def test_reward_model_two_processes_equal_one_with_the_global_batch(tmp_path):
     }, _env(tmp_path))
     one, two = tmp_path / "one", tmp_path / "two"
     for f in ("model.safetensors", "value_head.safetensors"):
-        diff = _max_diff(one / "model" / f, two / "model" / f)
-        print(f"RM {f}: max |param diff| 2 processes vs 1: {diff:.3g}")
-        assert diff <= TOL, (f, diff)
+        _assert_same_params(one / "model" / f, two / "model" / f, f"RM {f} 2 processes vs 1")
     trained = load_file(str(one / "model" / "model.safetensors"))
     assert _max_diff(one / "model" / "model.safetensors", two / "model" / "model.safetensors") < \
         1e-2 * _moved_from_init("tiny-llama", trained)
@@ -427,9 +429,7 @@ def test_ilql_two_processes_equal_one_with_the_global_batch(tmp_path):
     }, _env(tmp_path))
     one, two = tmp_path / "one", tmp_path / "two"
     for f in ("model.safetensors", "ilql_heads.safetensors"):
-        diff = _max_diff(one / "model" / f, two / "model" / f)
-        print(f"ILQL {f}: max |param diff| 2 processes vs 1: {diff:.3g}")
-        assert diff <= TOL, (f, diff)
+        _assert_same_params(one / "model" / f, two / "model" / f, f"ILQL {f} 2 processes vs 1")
     heads = load_file(str(two / "model" / "ilql_heads.safetensors"))
     init = load_file(str(two / "checkpoints" / "step-00000002" / "heads.safetensors"))
     assert float((heads["target_q_heads.0.2.weight"] - init["target_q_heads.0.2.weight"]).abs().max()) > 100 * TOL
@@ -439,9 +439,9 @@ def test_ilql_two_processes_equal_one_with_the_global_batch(tmp_path):
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert all(torch.equal(rank0[k], heads[k]) for k in heads)
     # the step-2 checkpoint (after 2 syncs) agrees with the single process's too
-    diff = _max_diff(one / "checkpoints" / "step-00000002" / "heads.safetensors",
-                     two / "checkpoints" / "step-00000002" / "heads.safetensors")
-    assert diff <= TOL
+    _assert_same_params(one / "checkpoints" / "step-00000002" / "heads.safetensors",
+                        two / "checkpoints" / "step-00000002" / "heads.safetensors",
+                        "ILQL step-2 heads 2 processes vs 1")
     ma, mb = read_metrics(one), read_metrics(two)
     assert [r["step"] for r in mb] == [r["step"] for r in ma]
     for a, b in zip(ma, mb):
@@ -509,9 +509,8 @@ def test_dpo_fsdp_two_processes_equal_one_plain_process(tmp_path):
         "fsdp": _train(tmp_path, 2, "recipes/dpo_tiny.yaml", *common, "trainer.batch_size=4", "trainer.fsdp=true",
                        "run.name=fsdp"),
     }, _env(tmp_path))
-    diff = _max_diff(tmp_path / "one" / "model" / "model.safetensors", tmp_path / "fsdp" / "model" / "model.safetensors")
-    print(f"DPO FSDP max |param diff| 2 sharded processes vs 1 plain: {diff:.3g}")
-    assert diff <= TOL
+    _assert_same_params(tmp_path / "one" / "model" / "model.safetensors",
+                        tmp_path / "fsdp" / "model" / "model.safetensors", "DPO FSDP 2 sharded processes vs 1 plain")
     for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "fsdp")):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
 
