@@ -58,6 +58,29 @@ def ankus_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int, 
     return int(out.response_mask.sum())
 
 
+def teacher_forced_check(model, tokenizer, new_tokens: int = 32, batch: int = 8, **overrides) -> float:
+    """Sample with ankus, then score the same tokens with one ordinary forward over prompt +
+    response: the largest |engine log-prob − teacher-forced log-prob| over the sampled tokens.
+    Prompts of different lengths (left padding) and a decode path that wrote keys/values at the
+    wrong place or read a stale mask would show up as a large gap; a correct one differs by
+    rounding only."""
+    from ankus.models.reference import position_ids_from_mask
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(100, 40000, (batch, 32), generator=g).tolist()
+    prompts = [row[: 8 + 3 * i] for i, row in enumerate(ids)]  # 8..29 tokens
+    cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=True, temperature=1.0, ignore_eos=True, **overrides)
+    out = generate(model, tokenizer, prompts, cfg, generator=torch.Generator().manual_seed(2))
+    full = torch.cat([out.prompt_ids, out.response_ids], 1)
+    mask = torch.cat([out.prompt_mask, out.response_mask], 1)
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits.float()
+    P = out.prompt_ids.shape[1]
+    logps = torch.log_softmax(logits[:, P - 1:-1], -1).gather(-1, out.response_ids[..., None]).squeeze(-1)
+    live = out.response_mask.bool()
+    return float((logps - out.logprobs)[live].abs().max())
+
+
 def timed(fn, sync) -> tuple[float, float]:
     """New tokens per wall-clock second and per CPU-second of this process (all its threads) for
     one call. On a machine shared with other jobs the wall clock swings with their load; CPU time
@@ -133,14 +156,22 @@ def main() -> None:
     sync = torch.cuda.synchronize
     print(f"{torch.cuda.get_device_name()}: random-init models, bf16, prompts of {args.prompt_tokens} tokens, "
           f"{new_tokens} new tokens, median of {args.repeats}")
-    for name in args.models:
+    for i, name in enumerate(args.models):
         shape = dict(CUDA_MODELS[name])
         rope_theta = shape.pop("rope_theta")
         config = LlamaConfig(**shape, max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
                              rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
-        model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+        with torch.device("cuda"):  # initialise on the GPU (a 1B model's CPU init takes many seconds)
+            model = LlamaForCausalLM(config).to(dtype=torch.bfloat16).eval()
         model.generation_config.pad_token_id = tok.eos_token_id
+        if i == 0:  # is the CUDA-graph path right? (fp32 copy: rounding then stays far below any real fault)
+            ref = copy.deepcopy(model).float()
+            for label, kw in (("CUDA graph", {}), ("eager", {"cuda_graph": False})):
+                gap = teacher_forced_check(ref, tok, **kw)
+                print(f"{name} fp32 {label:10s} max |engine log-prob - teacher-forced log-prob|: {gap:.2e}  "
+                      f"{'OK' if gap < 1e-3 else 'WRONG'}", flush=True)
+            del ref
         vocab = shape["vocab_size"]
         for b in batch_sizes:
             g = torch.Generator().manual_seed(b)

@@ -1,102 +1,140 @@
 #!/usr/bin/env bash
-# Multi-process smoke runs on a GPU machine, launched with Accelerate:
-#   * DDP: SFT, DPO, reward model and ILQL on the GPUs (trainer.device=auto -> cuda:LOCAL_RANK),
-#     PPO on the CPU (it keeps the model there for now), each compared with 1 process with the
-#     global batch;
-#   * FSDP2 (configs/accelerate/fsdp.yaml -> trainer.fsdp): SFT and DPO sharded on the GPUs,
-#     compared with 1 plain process;
-#   * DeepSpeed configs and an FSDP launch of PPO: must be refused, not silently run replicated.
+# Smoke runs of every trainer on GPUs, and their sharded (FSDP2) forms, each compared with a plain
+# single process on the same global batch:
 #
-#   bash scripts/gpu_smoke.sh            # PYTHON=... to pick the interpreter; NPROC=... processes (default 2)
+#   bash scripts/gpu_smoke.sh            # PYTHON=... interpreter; NPROC=... processes (default: one per GPU)
 #
-# On GPUs the comparisons use TF32-free fp32 kernels but still a different reduction order than
-# the CPU tests, so they print the difference and flag it above 1e-4 (the CPU tests hold 1e-5).
-# Not yet run: no GPU was at hand when it was written. The same FSDP path is tested on CPU with
-# gloo in tests/invariants/test_distributed.py.
-set -euo pipefail
+# One GPU (NPROC=1):
+#   * plain runs on cuda:0 of SFT, DPO, PPO (Hydra reference; separate copy; GRPO), reward model, ILQL;
+#   * FSDP2 over a mesh of one (torchrun --nproc_per_node 1, trainer.fsdp=true) of SFT, DPO and PPO:
+#     the sharded code path (DTensor parameters, gathered sampling, gathered checkpoints), whose
+#     parameters must equal the plain run's.
+# Several GPUs (NPROC>=2), launched with Accelerate:
+#   * DDP (configs/accelerate/ddp_multigpu.yaml) of every trainer vs 1 process with the global batch;
+#   * FSDP2 (configs/accelerate/fsdp.yaml) of SFT, DPO and PPO vs the same single process.
+# Always: a sharded launch of the reward model and a DeepSpeed launch must be refused, not run replicated.
+#
+# GPU kernels reduce in another order than the CPU tests, so differences are printed and flagged
+# above 1e-4 (the CPU tests hold 1e-5). TF32 is off. The script runs every check, then exits 1 if
+# any failed; logs and run directories are under $OUT.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-NPROC=${NPROC:-2}
+NPROC=${NPROC:-$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 OUT=${OUT:-$(mktemp -d /tmp/ankus-gpu-smoke-XXXX)}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TOKENIZERS_PARALLELISM=false
-LAUNCH=("$PYTHON" -m accelerate.commands.launch)
+mkdir -p "$OUT"
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu: the same script on the CPU (gloo), to check the script itself
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TOKENIZERS_PARALLELISM=false NVIDIA_TF32_OVERRIDE=0
+FAILED=()
 
-export NVIDIA_TF32_OVERRIDE=0
 "$PYTHON" - <<'PY'
 import torch, accelerate, transformers
 print(f"torch {torch.__version__}  accelerate {accelerate.__version__}  transformers {transformers.__version__}")
 print("cuda:", torch.cuda.is_available(), [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
 PY
 
-launch() {  # launch CONFIG NAME RECIPE OVERRIDES...
-  local config=$1 name=$2 recipe=$3; shift 3
-  echo "== $config x$NPROC: $name"
-  /usr/bin/time -f "   %e s" "${LAUNCH[@]}" --config_file "configs/accelerate/$config.yaml" --num_processes "$NPROC" \
-    -m ankus.cli train "$recipe" run.out_dir="$OUT" run.name="$name" run.progress=false "$@" > "$OUT/$name.log" 2>&1 \
-    || { tail -n 40 "$OUT/$name.log"; exit 1; }
+run() {  # run NAME LAUNCHER... -- RECIPE OVERRIDES...
+  local name=$1; shift
+  local launcher=()
+  while [[ $1 != -- ]]; do launcher+=("$1"); shift; done
+  shift
+  local recipe=$1; shift
+  echo "== $name"
+  local t0=$SECONDS
+  if "${launcher[@]}" -m ankus.cli train "$recipe" run.out_dir="$OUT" run.name="$name" run.progress=false "$@" \
+       > "$OUT/$name.log" 2>&1; then
+    echo "   ok, $((SECONDS - t0)) s; $(grep -m1 -o "mean held-out score: [^(]*" "$OUT/$name.log" || true)"
+  else
+    echo "   FAILED ($((SECONDS - t0)) s):"; tail -n 25 "$OUT/$name.log" | sed 's/^/   | /'; FAILED+=("$name")
+  fi
 }
-ddp() { launch ddp_multigpu "$@"; }
-fsdp() { launch fsdp "$@"; }
-one() {  # one NAME RECIPE OVERRIDES...: the same run in one process
-  local name=$1 recipe=$2; shift 2
-  echo "== 1 process: $name"
-  "$PYTHON" -m ankus.cli train "$recipe" run.out_dir="$OUT" run.name="$name" run.progress=false "$@" > "$OUT/$name.log" 2>&1 \
-    || { tail -n 40 "$OUT/$name.log"; exit 1; }
-}
+PLAIN=("$PYTHON")
+TORCHRUN1=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1)
+ACCEL=("$PYTHON" -m accelerate.commands.launch --num_processes "$NPROC")
+DDP=("${ACCEL[@]}" --config_file configs/accelerate/ddp_multigpu.yaml)
+FSDP=("${ACCEL[@]}" --config_file configs/accelerate/fsdp.yaml)
 
-# SFT (full fine-tune, packed batches) and DPO: NPROC x batch 4 vs 1 x batch 4*NPROC
-ddp sft_n recipes/sft_tiny.yaml method.lora=false trainer.batch_size=4
-one sft_1 recipes/sft_tiny.yaml method.lora=false trainer.batch_size=$((4 * NPROC))
-ddp dpo_n recipes/dpo_tiny.yaml trainer.batch_size=4 trainer.total_steps=4
-one dpo_1 recipes/dpo_tiny.yaml trainer.batch_size=$((4 * NPROC)) trainer.total_steps=4
-# PPO on a tiny model with the Hydra reference: NPROC x 4 rollouts vs 1 x 4*NPROC
-PPO=(model.spec=tiny-llama trainer.total_steps=2 trainer.checkpoint_every=2 method.chunk_size=4 method.ppo_epochs=2
-     generation.max_new_tokens=8 data.num_eval=2 method.num_layers_unfrozen=2)
-ddp ppo_n ppo_sentiment "${PPO[@]}" method.num_rollouts=4 trainer.batch_size=2
-one ppo_1 ppo_sentiment "${PPO[@]}" method.num_rollouts=$((4 * NPROC)) trainer.batch_size=$((2 * NPROC))
-# reward model (packed rows) and ILQL (tiny-llama: no dropout)
-RM=(data.batching=pack trainer.total_steps=4 "data.kwargs={n_train: 64, n_eval: 8}")
-ddp rm_n recipes/rm_synthetic.yaml "${RM[@]}" trainer.batch_size=8
-one rm_1 recipes/rm_synthetic.yaml "${RM[@]}" trainer.batch_size=$((8 * NPROC))
-ILQL=(model.spec=tiny-llama trainer.total_steps=4 data.num_eval=2 eval.samples_per_prompt=1 generation.max_new_tokens=4
-      method.steps_for_target_q_sync=1 method.alpha=0.5)
-ddp ilql_n recipes/ilql_randomwalks.yaml "${ILQL[@]}" trainer.batch_size=4
-one ilql_1 recipes/ilql_randomwalks.yaml "${ILQL[@]}" trainer.batch_size=$((4 * NPROC))
-# FSDP2: SFT and DPO sharded over NPROC GPUs vs 1 plain process (the *_1 runs above)
-fsdp sft_fsdp recipes/sft_tiny.yaml method.lora=false trainer.batch_size=4
-fsdp dpo_fsdp recipes/dpo_tiny.yaml trainer.batch_size=4 trainer.total_steps=4
-grep -h "cuda\|device" "$OUT"/sft_n.log | head -n 3 || true
+SFT=(recipes/sft_tiny.yaml method.lora=false trainer.device=$DEVICE)
+DPO=(recipes/dpo_tiny.yaml trainer.total_steps=4 trainer.device=$DEVICE)
+PPO=(ppo_sentiment model.spec=tiny-llama trainer.total_steps=2 trainer.checkpoint_every=2 method.chunk_size=4
+     method.ppo_epochs=2 generation.max_new_tokens=8 data.num_eval=2 method.num_layers_unfrozen=2 trainer.device=$DEVICE)
+GRPO=(method.estimator=grpo method.samples_per_prompt=2 method.reference=copy method.num_layers_unfrozen=-1)
+RM=(recipes/rm_synthetic.yaml data.batching=pack trainer.total_steps=4 "data.kwargs={n_train: 64, n_eval: 8}"
+    trainer.device=$DEVICE)
+ILQL=(recipes/ilql_randomwalks.yaml model.spec=tiny-llama trainer.total_steps=4 data.num_eval=2
+      eval.samples_per_prompt=1 generation.max_new_tokens=4 method.steps_for_target_q_sync=1 method.alpha=0.5
+      trainer.device=$DEVICE)
+N=$NPROC
+# the single-process baselines, with the global batch
+run sft_1 "${PLAIN[@]}" -- "${SFT[@]}" trainer.batch_size=$((4 * N))
+run dpo_1 "${PLAIN[@]}" -- "${DPO[@]}" trainer.batch_size=$((4 * N))
+run ppo_1 "${PLAIN[@]}" -- "${PPO[@]}" method.num_rollouts=$((4 * N)) trainer.batch_size=$((2 * N))
+run grpo_1 "${PLAIN[@]}" -- "${PPO[@]}" "${GRPO[@]}" method.num_rollouts=$((4 * N)) trainer.batch_size=$((2 * N))
+run rm_1 "${PLAIN[@]}" -- "${RM[@]}" trainer.batch_size=$((8 * N))
+run ilql_1 "${PLAIN[@]}" -- "${ILQL[@]}" trainer.batch_size=$((4 * N))
+PAIRS=()  # "baseline run file" to compare
+if (( N == 1 )); then
+  run sft_fsdp "${TORCHRUN1[@]}" -- "${SFT[@]}" trainer.batch_size=4 trainer.fsdp=true
+  run dpo_fsdp "${TORCHRUN1[@]}" -- "${DPO[@]}" trainer.batch_size=4 trainer.fsdp=true
+  run ppo_fsdp "${TORCHRUN1[@]}" -- "${PPO[@]}" method.num_rollouts=4 trainer.batch_size=2 trainer.fsdp=true
+  run grpo_fsdp "${TORCHRUN1[@]}" -- "${PPO[@]}" "${GRPO[@]}" method.num_rollouts=4 trainer.batch_size=2 \
+    trainer.fsdp=true
+else
+  run sft_n "${DDP[@]}" -- "${SFT[@]}" trainer.batch_size=4
+  run dpo_n "${DDP[@]}" -- "${DPO[@]}" trainer.batch_size=4
+  run ppo_n "${DDP[@]}" -- "${PPO[@]}" method.num_rollouts=4 trainer.batch_size=2
+  run grpo_n "${DDP[@]}" -- "${PPO[@]}" "${GRPO[@]}" method.num_rollouts=4 trainer.batch_size=2
+  run rm_n "${DDP[@]}" -- "${RM[@]}" trainer.batch_size=8
+  run ilql_n "${DDP[@]}" -- "${ILQL[@]}" trainer.batch_size=4
+  run sft_fsdp "${FSDP[@]}" -- "${SFT[@]}" trainer.batch_size=4
+  run dpo_fsdp "${FSDP[@]}" -- "${DPO[@]}" trainer.batch_size=4
+  run ppo_fsdp "${FSDP[@]}" -- "${PPO[@]}" method.num_rollouts=4 trainer.batch_size=2
+  run grpo_fsdp "${FSDP[@]}" -- "${PPO[@]}" "${GRPO[@]}" method.num_rollouts=4 trainer.batch_size=2
+  PAIRS+=("sft_1 sft_n model/model.safetensors" "dpo_1 dpo_n model/model.safetensors"
+          "ppo_1 ppo_n checkpoints/step-00000002/policy.safetensors"
+          "ppo_1 ppo_n checkpoints/step-00000002/value_head.safetensors"
+          "grpo_1 grpo_n checkpoints/step-00000002/policy.safetensors"
+          "rm_1 rm_n model/model.safetensors" "rm_1 rm_n model/value_head.safetensors"
+          "ilql_1 ilql_n model/model.safetensors" "ilql_1 ilql_n model/ilql_heads.safetensors")
+fi
+PAIRS+=("sft_1 sft_fsdp model/model.safetensors" "dpo_1 dpo_fsdp model/model.safetensors"
+        "ppo_1 ppo_fsdp checkpoints/step-00000002/policy.safetensors"
+        "ppo_1 ppo_fsdp checkpoints/step-00000002/value_head.safetensors"
+        "grpo_1 grpo_fsdp checkpoints/step-00000002/policy.safetensors")
 
-"$PYTHON" - "$OUT" <<'PY'
+"$PYTHON" - "$OUT" "${PAIRS[@]}" <<'PY' || FAILED+=(compare)
 import sys
 from pathlib import Path
 from safetensors.torch import load_file
-out = Path(sys.argv[1])
-def diff(a, b):
+out, bad = Path(sys.argv[1]), 0
+for pair in sys.argv[2:]:
+    one, many, rel = pair.split()
+    a, b = out / one / rel, out / many / rel
+    if not (a.exists() and b.exists()):
+        print(f"{many:10s} {rel:48s} missing (a run failed)"); bad += 1; continue
     ta, tb = load_file(str(a)), load_file(str(b))
-    return max(float((ta[k] - tb[k]).abs().max()) for k in ta)
-for one, many, rel in [("sft_1", "sft_n", "model/model.safetensors"), ("dpo_1", "dpo_n", "model/model.safetensors"),
-                       ("ppo_1", "ppo_n", "checkpoints/step-00000002/policy.safetensors"),
-                       ("ppo_1", "ppo_n", "checkpoints/step-00000002/value_head.safetensors"),
-                       ("rm_1", "rm_n", "model/model.safetensors"), ("rm_1", "rm_n", "model/value_head.safetensors"),
-                       ("ilql_1", "ilql_n", "model/model.safetensors"), ("ilql_1", "ilql_n", "model/ilql_heads.safetensors"),
-                       ("sft_1", "sft_fsdp", "model/model.safetensors"), ("dpo_1", "dpo_fsdp", "model/model.safetensors")]:
-    d = diff(out / one / rel, out / many / rel)
-    print(f"{many:9s} {rel:48s} max |param diff| N processes vs 1: {d:.3g}  {'OK' if d <= 1e-4 else 'FAIL'}")
+    d = max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta)  # a gathered file may add a tied name
+    bad += d > 1e-4
+    print(f"{many:10s} {rel:48s} max |param diff| vs {one}: {d:.3g}  {'OK' if d <= 1e-4 else 'FAIL'}")
+sys.exit(1 if bad else 0)
 PY
+grep -h "device\|cuda" "$OUT"/ppo_1.log | head -n 3 || true
 
-# refused configurations: must stop with a clear message, not run replicated
-refused() {  # refused NAME CONFIG RECIPE
-  echo "== $2 with $3 (expected: refused)"
-  if "${LAUNCH[@]}" --config_file "configs/accelerate/$2.yaml" --num_processes "$NPROC" -m ankus.cli train \
-       "$3" run.out_dir="$OUT" run.name="$1" run.progress=false > "$OUT/$1.log" 2>&1; then
-    echo "   UNEXPECTED: it ran"; exit 1
+refused() {  # refused NAME LAUNCHER... -- RECIPE: must stop with a clear message, not run replicated
+  local name=$1; shift
+  local launcher=()
+  while [[ $1 != -- ]]; do launcher+=("$1"); shift; done
+  echo "== $name (expected: refused)"
+  if "${launcher[@]}" -m ankus.cli train "$2" run.out_dir="$OUT" run.name="$name" run.progress=false \
+       > "$OUT/$name.log" 2>&1; then
+    echo "   UNEXPECTED: it ran"; FAILED+=("$name")
+  else
+    grep -m1 -o "does not shard it\|No module named 'deepspeed'\|DeepSpeed is not installed" "$OUT/$name.log" \
+      | sed 's/^/   refused: /' || { tail -n 20 "$OUT/$name.log"; FAILED+=("$name"); }
   fi
-  grep -o "does not shard it\|No module named 'deepspeed'" "$OUT/$1.log" | head -n 1 | sed 's/^/   refused: /' \
-    || { tail -n 20 "$OUT/$1.log"; exit 1; }
 }
-refused ppo_fsdp fsdp ppo_sentiment
-refused rm_fsdp fsdp recipes/rm_synthetic.yaml
-refused zero2 deepspeed_zero2 recipes/sft_tiny.yaml
-refused zero3 deepspeed_zero3 recipes/sft_tiny.yaml
+refused rm_fsdp "${FSDP[@]}" -- recipes/rm_synthetic.yaml
+refused zero2 "${ACCEL[@]}" --config_file configs/accelerate/deepspeed_zero2.yaml -- recipes/sft_tiny.yaml
 echo "runs in $OUT"
+if (( ${#FAILED[@]} )); then echo "FAILED: ${FAILED[*]}"; exit 1; fi
+echo "all GPU smoke checks passed"

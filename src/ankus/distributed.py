@@ -38,11 +38,12 @@ How the trainers use it (see docs/distributed.md):
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -54,7 +55,7 @@ __all__ = ["DistState", "setup", "state", "is_main", "world_size", "rank", "all_
            "sum_floats", "any_rank", "broadcast_object", "all_gather_objects", "all_gather_cat", "shard",
            "shard_bounds", "sync_gradients", "broadcast_parameters", "weighted_stats", "on_main", "main_only",
            "barrier", "rank_rng_states", "restore_rank_rng", "teardown", "resolve_device", "use_fsdp",
-           "fsdp_wrap", "is_sharded", "clip_grad_norm", "checkpoint_views", "unsharded_copy"]
+           "fsdp_wrap", "is_sharded", "clip_grad_norm", "full_params", "checkpoint_views", "unsharded_copy"]
 
 
 @dataclass(frozen=True)
@@ -84,26 +85,30 @@ def _env_flag(var: str) -> bool:
     return os.environ.get(var, "").lower() in ("1", "true")
 
 
-def setup(fsdp_ok: bool = False) -> DistState:
+def setup(fsdp_ok: bool = False, shard: bool = False) -> DistState:
     """Join the process group when launched with several processes; idempotent.
 
     A group already created by the caller (or by Accelerate) is used as is. The backend string
     ``cpu:gloo,cuda:nccl`` routes each collective by its tensors' device, so trainers that keep
     some tensors on the CPU work on GPU machines too. A launch with an Accelerate DeepSpeed
     configuration is refused, and so is an FSDP one unless the trainer shards (``fsdp_ok``:
-    SFT and DPO, see :func:`use_fsdp`).
+    SFT, DPO and PPO, see :func:`use_fsdp`). ``shard`` (the trainer's ``trainer.fsdp``) joins a
+    group of one too when a launcher started a single process, so that it can shard over a mesh
+    of one (the sharded code path on a single GPU).
     """
     global _STATE, _OWN_GROUP
     for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if _env_flag(var) and not (fsdp_ok and what == "FSDP"):
             # running replicated under a sharding config would be a silent surprise (or an OOM)
             raise RuntimeError(f"launched with an Accelerate {what} configuration, but this trainer replicates the "
-                               "model on every process (data parallel) and does not shard it (FSDP: SFT and DPO "
-                               "only, trainer.fsdp=true); launch with configs/accelerate/ddp_multigpu.yaml or "
+                               "model on every process (data parallel) and does not shard it (FSDP: SFT, DPO "
+                               "and PPO only, trainer.fsdp=true); launch with configs/accelerate/ddp_multigpu.yaml or "
                                "torchrun (see docs/distributed.md)")
     if dist.is_available() and dist.is_initialized():
         pass
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
+            fsdp_ok and (shard or _env_flag("ACCELERATE_USE_FSDP")) and "MASTER_ADDR" in os.environ
+            and "WORLD_SIZE" in os.environ):
         if not dist.is_available():
             raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -277,11 +282,12 @@ def sync_gradients(params: Iterable[Tensor], average: bool = False, bucket_numel
     the global count, so the sum is the global batch's gradient. A parameter that received no
     gradient on some ranks counts as zero there; one that received none on any rank keeps
     ``grad=None`` (so AdamW skips it, as it would in a single process). Gradients travel in a few
-    flat buckets of at most ``bucket_numel`` elements, one all-reduce each.
+    flat buckets of at most ``bucket_numel`` elements, one all-reduce each. Sharded (FSDP)
+    parameters are skipped: FSDP has reduce-scattered their gradients already.
     """
     if not _STATE.enabled:
         return
-    params = list(params)
+    params = [p for p in params if not _is_dtensor(p)]  # FSDP reduce-scatters those itself
     has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
     has_grad = all_reduce_sum(has_grad).tolist()
     live = [p for p, h in zip(params, has_grad) if h > 0]
@@ -407,8 +413,10 @@ def resolve_device(choice: str = "auto") -> torch.device:
 
 def use_fsdp(requested: bool) -> bool:
     """Shard when ``trainer.fsdp`` is set or the launch used an Accelerate FSDP configuration, and
-    there are several processes (one process has nothing to shard over: it trains unsharded)."""
-    return (requested or _env_flag("ACCELERATE_USE_FSDP")) and _STATE.enabled
+    the process group exists: several processes, or one launched by torchrun / accelerate with
+    sharding asked for (a mesh of one: the sharded code path on a single GPU). A plain single
+    process has no group: it trains unsharded."""
+    return (requested or _env_flag("ACCELERATE_USE_FSDP")) and dist.is_available() and dist.is_initialized()
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -450,11 +458,56 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    return hasattr(t, "full_tensor")  # a DTensor: a parameter sharded by fully_shard
+
+
 def clip_grad_norm(params: Sequence[Tensor], max_norm: float) -> Tensor:
     """``clip_grad_norm_`` whose result is the global norm as a plain tensor (with sharded
-    parameters torch returns a DTensor); ``max_norm`` <= 0 only measures."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    parameters torch returns a DTensor); ``max_norm`` <= 0 only measures. Sharded and plain
+    parameters may be mixed (PPO under FSDP: a sharded policy and a replicated value head):
+    the norm is then sqrt(‖sharded‖² + ‖plain‖²) and both groups are scaled alike."""
+    params = [p for p in params if p.grad is not None]
+    sharded = [p for p in params if _is_dtensor(p)]
+    if not sharded or len(sharded) == len(params):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    plain = [p for p in params if not _is_dtensor(p)]
+    sharded_norm = torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor()
+    plain_norm = torch.nn.utils.get_total_norm([p.grad for p in plain])
+    norm = torch.linalg.vector_norm(torch.stack([sharded_norm, plain_norm.to(sharded_norm.device)]))
+    if max_norm > 0:
+        coef = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))  # as clip_grad_norm_ computes it
+        for p in params:
+            p.grad.mul_(coef)
+    return norm
+
+
+@contextlib.contextmanager
+def full_params(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block a sharded model holds its full parameters on every process, so its
+    forwards run with no collective (sampling, where processes stop after different numbers of
+    steps; a Hydra branch that shares the model's frozen head). A collective on entry and exit:
+    call it on every process. Memory: the whole model, as unsharded training would hold it.
+    A model that is not sharded is returned as is."""
+    if not is_sharded(model):
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    layers = [m for m in units if m is not model]
+    for unit in units:
+        unit.unshard()  # all-gather; a forward's own unshard is then a no-op
+    for unit in layers:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for unit in layers:
+            unit.set_reshard_after_forward(True, recurse=False)
+        for unit in units:
+            unit.reshard()
 
 
 class _Gathered:
@@ -480,21 +533,25 @@ class _Gathered:
         set_optimizer_state_dict(self.model, self.optimizer, state, options=options)
 
 
-def checkpoint_views(model: torch.nn.Module, optimizer=None, gather: bool = True):
+def checkpoint_views(model: torch.nn.Module, optimizer=None, gather: bool = True,
+                     optimizer_owner: torch.nn.Module | None = None):
     """``(model, optimizer)`` for save_checkpoint / load_checkpoint: themselves when ``model`` is
     not sharded; under FSDP stand-ins that gather full state dicts (``gather``: for saving; a
     collective, call on every process, then save on the main one) or scatter a full state dict
-    back into the shards (for loading, on every process)."""
+    back into the shards (for loading, on every process). ``optimizer_owner``: a module holding
+    every parameter the optimizer updates, when that is more than ``model`` (PPO: the policy and
+    its value head); the optimizer state is then keyed by names in it."""
     if not is_sharded(model):
         return model, optimizer
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
+    owner = optimizer_owner if optimizer_owner is not None else model
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the main process gets it all
     model_state = get_model_state_dict(model, options=options) if gather else None
-    opt_state = get_optimizer_state_dict(model, optimizer, options=options) if gather and optimizer else None
+    opt_state = get_optimizer_state_dict(owner, optimizer, options=options) if gather and optimizer else None
     return (_Gathered(model, state=model_state),
-            _Gathered(model, optimizer, state=opt_state) if optimizer is not None else None)
+            _Gathered(owner, optimizer, state=opt_state) if optimizer is not None else None)
 
 
 def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module | None:

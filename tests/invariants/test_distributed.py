@@ -515,8 +515,49 @@ def test_dpo_fsdp_two_processes_equal_one_plain_process(tmp_path):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
 
 
+def test_ppo_fsdp_two_processes_equal_one_plain_process_and_resume(tmp_path):
+    """PPO (GAE, value head, Hydra reference) sharded over 2 processes == 1 plain process with the
+    global batch; sampling and scoring run on gathered parameters, the updates sharded, and the
+    value head (replicated) shares the optimizer and the gradient clipping with the shards."""
+    common = ["model.spec=tiny-llama", "trainer.total_steps=2", "trainer.lr=1e-3", "trainer.checkpoint_every=1",
+              "method.chunk_size=4", "method.ppo_epochs=2", "method.num_layers_unfrozen=2",
+              "method.scale_reward=running", "method.target=1.0", "generation.max_new_tokens=6",
+              "data.num_eval=2", "data.eval_samples=1"]
+    fsdp = ["method.num_rollouts=4", "trainer.batch_size=2", "trainer.fsdp=true", "run.name=fsdp"]
+    _run_all({
+        "one": _train(tmp_path, 1, "ppo_sentiment", *common, "method.num_rollouts=8", "trainer.batch_size=4",
+                      "run.name=one"),
+        "fsdp": _train(tmp_path, 2, "ppo_sentiment", *common, *fsdp),
+    }, _env(tmp_path), timeout=300)
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    ck = "checkpoints/step-00000002"
+    _assert_same_params(one / ck / "value_head.safetensors", two / ck / "value_head.safetensors",
+                        "PPO FSDP value head 2 sharded processes vs 1 plain")
+    ta, tb = load_file(str(one / ck / "policy.safetensors")), load_file(str(two / ck / "policy.safetensors"))
+    assert set(ta) <= set(tb)  # a gathered checkpoint names the tied head too
+    diff = max(float((ta[k] - tb[k]).abs().max()) for k in ta)
+    print(f"PPO FSDP policy: max |param diff| 2 sharded processes vs 1 plain: {diff:.3g}")
+    assert diff <= TOL
+    for a, b in zip(read_metrics(one), read_metrics(two)):
+        for key in ("reward/mean", "kl/mean", "kl/beta", "loss/pg", "loss/vf", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    assert json.loads((two / "model" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+    # resumed from the step-1 checkpoint (optimizer state keyed by name over policy + value head)
+    uninterrupted = load_file(str(two / ck / "policy.safetensors"))
+    import shutil
+
+    shutil.rmtree(two / ck)
+    _run_all({"resume": _train(tmp_path, 2, "ppo_sentiment", *common, *fsdp, "--resume")}, _env(tmp_path))
+    resumed = load_file(str(two / ck / "policy.safetensors"))
+    diff = max(float((resumed[k] - uninterrupted[k]).abs().max()) for k in resumed)
+    print(f"PPO FSDP resumed vs uninterrupted: {diff:.3g}")
+    assert diff == 0.0
+    assert [r["step"] for r in read_metrics(two)] == [1, 2]
+
+
 def test_fsdp_is_refused_where_it_is_not_wired(tmp_path):
-    """PPO, the reward model and ILQL replicate; an FSDP launch of them stops at start-up."""
+    """The reward model and ILQL replicate; an FSDP launch of them stops at start-up."""
     env = dict(_env(tmp_path), ACCELERATE_USE_FSDP="true")
     out = subprocess.run([sys.executable, "-m", "ankus.cli", "train", "recipes/rm_synthetic.yaml",
                           f"run.out_dir={tmp_path}", "trainer.total_steps=1"], cwd=ROOT, env=env,

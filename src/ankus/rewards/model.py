@@ -51,6 +51,7 @@ def tokenize_response(tok, prompt: str, response: str, max_length: int | None = 
 def sequence_rewards(trunk, head: ValueHead, batch: Batch) -> torch.Tensor:
     """One scalar per example of ``batch``: the head on the final hidden state at the example's
     last token. Returns (N,) in the batch's example order."""
+    batch = batch.to(next(trunk.parameters()).device)
     # logits_to_keep=1: the LM head's logits are not needed, keep that cost to one position per row
     out = trunk(**batch.model_inputs(), output_hidden_states=True, logits_to_keep=1, use_cache=False)
     hidden = out.hidden_states[-1]  # (R, T, H)

@@ -455,7 +455,7 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
     each takes ``trainer.batch_size`` pairs of the same global batch (see ankus.distributed).
     """
     m, tc = cfg.method, cfg.trainer
-    ds = distributed.setup(fsdp_ok=True)
+    ds = distributed.setup(fsdp_ok=True, shard=tc.fsdp)
     sharded = distributed.use_fsdp(tc.fsdp)
     if sharded and (m.lora or not m.precompute_ref):
         raise ValueError("trainer.fsdp needs method.precompute_ref=true and method.lora=false (a live reference "

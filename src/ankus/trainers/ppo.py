@@ -281,6 +281,7 @@ def _warm_start(model, tok, cfg: Config, texts: list[str]) -> float:
     for _ in tqdm(range(ws.steps), desc="warm start", disable=not cfg.run.progress):
         batch = rng.sample(texts, min(ws.batch_size, len(texts)))
         enc = tok([t + tok.eos_token for t in batch], return_tensors="pt", padding=True, padding_side="right")
+        enc = enc.to(next(model.parameters()).device)
         logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
         loss, _ = sft_loss(logits, enc.input_ids, enc.attention_mask)
         loss.backward()
@@ -368,16 +369,18 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
         raise ValueError("method.num_rollouts must be a multiple of method.samples_per_prompt")
     if cfg.data.eval_samples < 1:
         raise ValueError(f"data.eval_samples must be >= 1, got {cfg.data.eval_samples}")
-    ds = distributed.setup()
-    if tc.fsdp or tc.device == "cuda":  # not yet: see docs/distributed.md (Hydra reference, per-rank decoding)
-        raise ValueError("PPO trains data parallel on the CPU for now: trainer.fsdp and trainer.device=cuda "
-                         "are not supported (docs/distributed.md)")
+    ds = distributed.setup(fsdp_ok=True, shard=tc.fsdp)
+    device = distributed.resolve_device(tc.device)
+    sharded = distributed.use_fsdp(tc.fsdp)
+    if sharded and m.reference == "lora":
+        raise ValueError("trainer.fsdp with method.reference=lora is not supported: LoRA adapters are small, train "
+                         "them data parallel (trainer.fsdp=false), or shard with method.reference=hydra or copy")
     _set_seed(tc.seed)
     run_dir = distributed.on_main(create_run_dir, cfg.run, "ppo", cfg, exist_ok=resume)
     if reward_fn is None and (ds.is_main or not cfg.reward.on_main):  # on_main: one copy, on rank 0
         reward_fn = get_reward_fn(cfg.reward.name, **cfg.reward.kwargs)
 
-    model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed, device=device)
     train_prompts = load_prompts(cfg.data.prompts, "train", cfg.reward.kwargs, tc.seed)
     eval_prompts = (load_prompts(cfg.data.eval_prompts, "eval", cfg.reward.kwargs, tc.seed) if cfg.data.eval_prompts
                     else _default_eval(cfg, train_prompts))[: cfg.data.num_eval]
@@ -390,9 +393,17 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
         _warm_start(model, tok, cfg, [" ".join(w) if spaced else w for w in walks])
     distributed.broadcast_parameters(model)  # every process starts from rank 0's weights, bit for bit
 
-    reference, ref_mode = _make_reference(model, m)
+    reference, ref_mode = _make_reference(model, m)  # its copies are taken before any sharding
     policy = reference.policy  # the model to train (a peft model under LoRA)
-    trunk = TrunkCache(policy, reference.hidden_index) if ref_mode == "hydra" and m.cache_trunk else None
+    if sharded:
+        # FSDP2: each process holds 1/N of every layer; the updates run sharded. Sampling and
+        # scoring run inside distributed.full_params (the whole policy gathered once), where
+        # processes may decode for different numbers of steps and the Hydra branch can read the
+        # frozen head it shares with the policy.
+        distributed.fsdp_wrap(policy)
+    # (under FSDP the trunk cache's view would bypass the root unit that gathers the final norm and head)
+    trunk = (TrunkCache(policy, reference.hidden_index) if ref_mode == "hydra" and m.cache_trunk and not sharded
+             else None)
     # Behaviour log-probs from the update's own forward: exact when nothing reads them before the
     # update and that update is the first and only one on these rollouts (GRPO: advantages do not
     # use them; one epoch of one minibatch), the reference needs no policy hidden state (not Hydra),
@@ -401,11 +412,16 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
                      and m.num_rollouts <= tc.batch_size and reference.hidden_index is None
                      and not _has_dropout(policy))
     hidden_size = model.config.get_text_config().hidden_size
-    value_head = ValueHead(hidden_size) if m.estimator == "gae" else None
+    value_head = ValueHead(hidden_size).to(device) if m.estimator == "gae" else None
     if value_head is not None:
         distributed.broadcast_parameters(value_head)
-    params = [p for p in policy.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
-    opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
+    policy_params = [p for p in policy.parameters() if p.requires_grad]
+    head_params = list(value_head.parameters()) if value_head else []
+    params = policy_params + head_params
+    # under FSDP the policy's parameters are sharded (DTensors) and the value head's are not: two
+    # groups with the same settings, since a fused (foreach) CUDA step cannot mix the two kinds
+    groups = [{"params": policy_params}, {"params": head_params}] if sharded and head_params else params
+    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
     kl_ctl = (AdaptiveKLController(m.init_kl_coef, m.target, m.horizon) if m.target is not None
               else FixedKLController(m.init_kl_coef))
     running = RunningMoments()
@@ -413,10 +429,18 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
 
     prompt_rng = random.Random(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
-    modules = {"policy": policy, **({"value_head": value_head} if value_head is not None else {})}
+    # under FSDP the optimizer state is gathered by parameter name, over the policy and the value head
+    owner = torch.nn.ModuleDict({"policy": policy, "value_head": value_head}) if value_head is not None else policy
+
+    def views(gather: bool) -> tuple[dict, Any]:
+        """The modules and optimizer as checkpoints see them (gathered stand-ins under FSDP)."""
+        policy_view, opt_view = distributed.checkpoint_views(policy, opt, gather=gather, optimizer_owner=owner)
+        return {"policy": policy_view, **({"value_head": value_head} if value_head is not None else {})}, opt_view
+
     start, ckpt = 0, latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:  # the reference was built from the initial model above, as in the first run
-        state = load_checkpoint(ckpt, modules=modules, optimizer=opt, generators={"rollouts": gen})
+        modules, opt_view = views(gather=False)
+        state = load_checkpoint(ckpt, modules=modules, optimizer=opt_view, generators={"rollouts": gen})
         distributed.restore_rank_rng(ckpt)
         start, before, ref_std = state["step"], state["before"], state["ref_std"]
         kl_ctl.load_state_dict(state["kl_ctl"])
@@ -426,13 +450,15 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
         if ds.is_main:
             print(f"resuming {run_dir} from iteration {start} ({ckpt.name})")
     else:
-        before = distributed.on_main(evaluate, policy, tok, eval_prompts, cfg, reward_fn, seed=tc.seed + 12345)
+        with distributed.full_params(policy):
+            before = distributed.on_main(evaluate, policy, tok, eval_prompts, cfg, reward_fn, seed=tc.seed + 12345)
 
     def checkpoint(step: int) -> Path:
         extra = {"before": before, "ref_std": ref_std, "kl_ctl": kl_ctl.state_dict(), "running": running.state_dict(),
                  "prompt_rng": prompt_rng.getstate()}
         generators = {"rollouts": gen, **distributed.rank_rng_states()}
-        return distributed.on_main(save_checkpoint, run_dir, step, modules=modules, optimizer=opt,
+        modules, opt_view = views(gather=True)  # a collective under FSDP: every process
+        return distributed.on_main(save_checkpoint, run_dir, step, modules=modules, optimizer=opt_view,
                                    generators=generators, extra=extra, keep_last=tc.keep_last)
 
     logger = distributed.main_only(lambda: MetricsLogger(run_dir / "metrics.jsonl"))
@@ -450,7 +476,7 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
             prompts = [p for p in distributed.shard(prompts) for _ in range(m.samples_per_prompt)]  # k copies
             templated = [cfg.data.template.format(prompt=p) for p in prompts]
             policy.eval()
-            with torch.no_grad():
+            with torch.no_grad(), distributed.full_params(policy):
                 out = _generate_rollouts(policy, tok, templated, cfg, gen)
             t_gen = time.perf_counter() - t0
             try:
@@ -458,7 +484,7 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
             except RewardError as e:
                 raw, error = None, e
             if distributed.any_rank(error is not None):  # every process stops, not only the one that failed
-                saved = distributed.on_main(save_hf_model, policy, tok, run_dir / f"checkpoint-{it}")
+                saved = _save_policy(policy, tok, run_dir / f"checkpoint-{it}")
                 error = error or RewardError(f"the reward function failed on another process (batch {it})")
                 raise RewardError(f"{error}. The model so far was saved to {saved}") from error.__cause__
             mask = out.response_mask.float()  # (B, N)
@@ -471,7 +497,7 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
             attn = torch.cat([out.prompt_mask, mask.long()], 1)
             response_ids = out.response_ids
             n_resp = out.response_ids.shape[1]
-            with torch.no_grad():
+            with torch.no_grad(), distributed.full_params(policy):
                 old_logps, old_values, ref_logps, *split_hidden = _score_rollouts(
                     policy, value_head, reference, input_ids, attn, out.response_ids, n_resp, m.chunk_size,
                     keep_hidden=trunk is not None, behaviour=not reuse_forward)
@@ -554,14 +580,21 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
                     return {"run_dir": str(run_dir), "stopped_at": it + 1}
     logger.close()
 
-    after = distributed.on_main(evaluate, policy, tok, eval_prompts, cfg, reward_fn, seed=tc.seed + 12345)
+    with distributed.full_params(policy):
+        after = distributed.on_main(evaluate, policy, tok, eval_prompts, cfg, reward_fn, seed=tc.seed + 12345)
     distributed.on_main(plot_metrics, run_dir, ["reward/mean", "kl/mean", "loss/pg", "loss/vf", "policy/entropy"],
                         title="PPO")
     if cfg.run.save_model:
-        distributed.on_main(save_hf_model, policy, tok, run_dir / "model")
+        _save_policy(policy, tok, run_dir / "model")
     summary = distributed.on_main(_write_eval, run_dir, before, after)
     summary.update(run_dir=str(run_dir), reference=ref_mode)
     return summary
+
+
+def _save_policy(policy, tok, path: Path):
+    """Save the policy in Hugging Face format from the main process (under FSDP an ordinary copy
+    is gathered there first: a collective, call on every process). Returns the path."""
+    return distributed.on_main(save_hf_model, distributed.unsharded_copy(policy), tok, path)
 
 
 def _default_eval(cfg: Config, train_prompts: list[str]) -> list[str]:
@@ -574,7 +607,7 @@ def _default_eval(cfg: Config, train_prompts: list[str]) -> list[str]:
 
 def _scores_tensor(raw, mask: torch.Tensor, dense: bool) -> torch.Tensor:
     if not dense:
-        return torch.tensor([float(s) for s in raw], dtype=torch.float32)
+        return torch.tensor([float(s) for s in raw], dtype=torch.float32, device=mask.device)
     out = torch.zeros_like(mask)
     for i, row in enumerate(raw):  # align per-token scores with the response tokens
         n = min(len(row), out.shape[1])
@@ -645,7 +678,7 @@ def _ppo_step(policy, value_head, opt, params, cfg: Config, beta, guard: NonFini
     if guard.check(out["loss/total"]):  # the global loss: every process decides alike
         (loss * share).backward()
         distributed.sync_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
+        grad_norm = distributed.clip_grad_norm(params, tc.max_grad_norm)  # sharded + replicated under FSDP
         out["grad_norm"] = float(grad_norm)
         if guard.check(grad_norm):  # a NaN/inf gradient skips the step too
             opt.step()

@@ -475,7 +475,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from ankus.checkpoint import GracefulExit, NonFiniteGuard, latest_checkpoint, load_checkpoint, save_checkpoint
 
     tc, d = cfg.trainer, cfg.data
-    ds = distributed.setup(fsdp_ok=True)
+    ds = distributed.setup(fsdp_ok=True, shard=tc.fsdp)
     device = distributed.resolve_device(tc.device)
     sharded = distributed.use_fsdp(tc.fsdp)
     if sharded and cfg.method.lora:
