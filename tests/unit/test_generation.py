@@ -69,6 +69,27 @@ def test_static_cache_step_matches_transformers(tiny, spec, monkeypatch):
     assert_same_as_hf(out, hf_greedy(model, tok, PROMPTS, 10), tok.pad_token_id)
 
 
+def test_static_slots_are_kept_and_reused_between_calls(tiny, monkeypatch):
+    """The kept static cache (what a CUDA graph reads): one slot per (batch size, cache length
+    rounded up to 64); a later call of the same shape runs in the same slot after a reset, other
+    prompts in it still decode exactly, and a fifth shape evicts the least recently used."""
+    model, tok = tiny["tiny-llama"]
+    monkeypatch.setattr(engine, "_decode_mode", lambda model, config: "static")
+    monkeypatch.setattr(engine, "_SLOTS", {})
+    cfg = GenerationConfig(max_new_tokens=10, do_sample=False)
+    generate(model, tok, PROMPTS, cfg)
+    (key, slot), = engine._SLOTS.items()
+    assert slot.length == 64 and key[2] == len(PROMPTS)
+    others = [p[::-1] for p in PROMPTS]  # different tokens, same lengths: the same slot, reset
+    out = generate(model, tok, others, cfg)
+    assert list(engine._SLOTS.items()) == [(key, slot)]
+    assert_same_as_hf(out, hf_greedy(model, tok, others, 10), tok.pad_token_id)
+    for n in (1, 2, 3, 5):  # four more batch sizes: the first slot is the least recently used
+        generate(model, tok, PROMPTS[:1] * n, cfg)
+    assert key not in engine._SLOTS and len(engine._SLOTS) == engine._MAX_SLOTS
+    assert engine.release_graphs() == engine._MAX_SLOTS and not engine._SLOTS
+
+
 def test_sliding_window_model_keeps_its_cache_layers(tiny):
     """Mistral with a 4-token window: its sliding layers stay transformers' own (only full-attention
     layers are preallocated), greedy output still matches, and the CUDA-graph path is refused."""

@@ -7,6 +7,7 @@ from ankus.generation.engine import (
     filter_scores,
     generate,
     packed_linears,
+    release_graphs,
     sample_tokens,
     token_logps,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "filter_scores",
     "generate",
     "packed_linears",
+    "release_graphs",
     "sample_tokens",
     "token_logps",
     "unconditional_prompts",
