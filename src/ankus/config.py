@@ -244,9 +244,9 @@ class TrainerConfig:
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a NaN/inf loss or gradient."""
     device: typing.Literal["auto", "cpu", "cuda"] = "auto"
-    """Where the model trains: auto = this process's GPU when CUDA is there, else the CPU (PPO: CPU only for now)."""
+    """Where the model trains: auto = this process's GPU when CUDA is there, else the CPU."""
     fsdp: bool = False
-    """Shard parameters, gradients and optimizer state over the processes with FSDP2 (SFT and DPO; see docs/distributed.md)."""
+    """Shard parameters, gradients and optimizer state over the processes with FSDP2 (SFT, DPO, PPO; see docs/distributed.md)."""
 
 
 @dataclasses.dataclass

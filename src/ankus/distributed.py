@@ -27,12 +27,14 @@ How the trainers use it (see docs/distributed.md):
 * Only the main process (rank 0) writes the run directory, metrics, plots and checkpoints
   (:func:`on_main`, :func:`main_only`); checkpoints also carry every rank's torch RNG state
   (:func:`rank_rng_states`).
-* Sharding (SFT and DPO, ``trainer.fsdp: true``): :func:`fsdp_wrap` shards parameters, gradients
+* Sharding (SFT, DPO and PPO, ``trainer.fsdp: true``): :func:`fsdp_wrap` shards parameters, gradients
   and optimizer state with torch's FSDP2 (``fully_shard``, one unit per decoder layer plus the
   root). FSDP then reduce-scatters the gradients itself — summed, not averaged, so the same
   loss scaling holds and :func:`sync_gradients` is skipped; :func:`clip_grad_norm` returns the
   global norm; :func:`checkpoint_views` and :func:`unsharded_copy` gather full state dicts for
-  checkpoints and the saved Hugging Face model. Every process must then run the same forwards.
+  checkpoints and the saved Hugging Face model. Every process must then run the same forwards,
+  except inside :func:`full_params`, which gathers the whole model once (PPO samples and scores
+  rollouts there).
 """
 
 from __future__ import annotations
