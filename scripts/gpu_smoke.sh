@@ -6,13 +6,13 @@
 #
 # One GPU (NPROC=1):
 #   * plain runs on cuda:0 of SFT, DPO, PPO (Hydra reference; separate copy; GRPO), reward model, ILQL;
-#   * FSDP2 over a mesh of one (torchrun --nproc_per_node 1, trainer.fsdp=true) of SFT, DPO and PPO:
+#   * FSDP2 over a mesh of one (torchrun --nproc_per_node 1, trainer.fsdp=true) of SFT, DPO, PPO and the RM:
 #     the sharded code path (DTensor parameters, gathered sampling, gathered checkpoints), whose
 #     parameters must equal the plain run's.
 # Several GPUs (NPROC>=2), launched with Accelerate:
 #   * DDP (configs/accelerate/ddp_multigpu.yaml) of every trainer vs 1 process with the global batch;
-#   * FSDP2 (configs/accelerate/fsdp.yaml) of SFT, DPO and PPO vs the same single process.
-# Always: a sharded launch of the reward model and a DeepSpeed launch must be refused, not run replicated.
+#   * FSDP2 (configs/accelerate/fsdp.yaml) of SFT, DPO, PPO and the reward model vs the same single process.
+# Always: a sharded launch of ILQL and a DeepSpeed launch must be refused, not run replicated.
 #
 # GPU kernels reduce in another order than the CPU tests, so differences are printed and flagged
 # above 1e-4 (the CPU tests hold 1e-5). TF32 is off. The script runs every check, then exits 1 if
@@ -79,6 +79,7 @@ if (( N == 1 )); then
   run ppo_fsdp "${TORCHRUN1[@]}" -- "${PPO[@]}" method.num_rollouts=4 trainer.batch_size=2 trainer.fsdp=true
   run grpo_fsdp "${TORCHRUN1[@]}" -- "${PPO[@]}" "${GRPO[@]}" method.num_rollouts=4 trainer.batch_size=2 \
     trainer.fsdp=true
+  run rm_fsdp "${TORCHRUN1[@]}" -- "${RM[@]}" trainer.batch_size=8 trainer.fsdp=true
 else
   run sft_n "${DDP[@]}" -- "${SFT[@]}" trainer.batch_size=4
   run dpo_n "${DDP[@]}" -- "${DPO[@]}" trainer.batch_size=4
@@ -90,6 +91,7 @@ else
   run dpo_fsdp "${FSDP[@]}" -- "${DPO[@]}" trainer.batch_size=4
   run ppo_fsdp "${FSDP[@]}" -- "${PPO[@]}" method.num_rollouts=4 trainer.batch_size=2
   run grpo_fsdp "${FSDP[@]}" -- "${PPO[@]}" "${GRPO[@]}" method.num_rollouts=4 trainer.batch_size=2
+  run rm_fsdp "${FSDP[@]}" -- "${RM[@]}" trainer.batch_size=8
   PAIRS+=("sft_1 sft_n model/model.safetensors" "dpo_1 dpo_n model/model.safetensors"
           "ppo_1 ppo_n checkpoints/step-00000002/policy.safetensors"
           "ppo_1 ppo_n checkpoints/step-00000002/value_head.safetensors"
@@ -100,7 +102,8 @@ fi
 PAIRS+=("sft_1 sft_fsdp model/model.safetensors" "dpo_1 dpo_fsdp model/model.safetensors"
         "ppo_1 ppo_fsdp checkpoints/step-00000002/policy.safetensors"
         "ppo_1 ppo_fsdp checkpoints/step-00000002/value_head.safetensors"
-        "grpo_1 grpo_fsdp checkpoints/step-00000002/policy.safetensors")
+        "grpo_1 grpo_fsdp checkpoints/step-00000002/policy.safetensors"
+        "rm_1 rm_fsdp model/model.safetensors" "rm_1 rm_fsdp model/value_head.safetensors")
 
 "$PYTHON" - "$OUT" "${PAIRS[@]}" <<'PY' || FAILED+=(compare)
 import sys
@@ -133,7 +136,7 @@ refused() {  # refused NAME LAUNCHER... -- RECIPE: must stop with a clear messag
       | sed 's/^/   refused: /' || { tail -n 20 "$OUT/$name.log"; FAILED+=("$name"); }
   fi
 }
-refused rm_fsdp "${FSDP[@]}" -- recipes/rm_synthetic.yaml
+refused ilql_fsdp "${FSDP[@]}" -- recipes/ilql_randomwalks.yaml
 refused zero2 "${ACCEL[@]}" --config_file configs/accelerate/deepspeed_zero2.yaml -- recipes/sft_tiny.yaml
 echo "runs in $OUT"
 if (( ${#FAILED[@]} )); then echo "FAILED: ${FAILED[*]}"; exit 1; fi

@@ -27,7 +27,7 @@ How the trainers use it (see docs/distributed.md):
 * Only the main process (rank 0) writes the run directory, metrics, plots and checkpoints
   (:func:`on_main`, :func:`main_only`); checkpoints also carry every rank's torch RNG state
   (:func:`rank_rng_states`).
-* Sharding (SFT, DPO and PPO, ``trainer.fsdp: true``): :func:`fsdp_wrap` shards parameters, gradients
+* Sharding (SFT, DPO, PPO and the reward model, ``trainer.fsdp: true``): :func:`fsdp_wrap` shards parameters, gradients
   and optimizer state with torch's FSDP2 (``fully_shard``, one unit per decoder layer plus the
   root). FSDP then reduce-scatters the gradients itself — summed, not averaged, so the same
   loss scaling holds and :func:`sync_gradients` is skipped; :func:`clip_grad_norm` returns the
@@ -94,7 +94,7 @@ def setup(fsdp_ok: bool = False, shard: bool = False) -> DistState:
     ``cpu:gloo,cuda:nccl`` routes each collective by its tensors' device, so trainers that keep
     some tensors on the CPU work on GPU machines too. A launch with an Accelerate DeepSpeed
     configuration is refused, and so is an FSDP one unless the trainer shards (``fsdp_ok``:
-    SFT, DPO and PPO, see :func:`use_fsdp`). ``shard`` (the trainer's ``trainer.fsdp``) joins a
+    SFT, DPO, PPO and the reward model, see :func:`use_fsdp`). ``shard`` (the trainer's ``trainer.fsdp``) joins a
     group of one too when a launcher started a single process, so that it can shard over a mesh
     of one (the sharded code path on a single GPU).
     """
@@ -103,8 +103,8 @@ def setup(fsdp_ok: bool = False, shard: bool = False) -> DistState:
         if _env_flag(var) and not (fsdp_ok and what == "FSDP"):
             # running replicated under a sharding config would be a silent surprise (or an OOM)
             raise RuntimeError(f"launched with an Accelerate {what} configuration, but this trainer replicates the "
-                               "model on every process (data parallel) and does not shard it (FSDP: SFT, DPO "
-                               "and PPO only, trainer.fsdp=true); launch with configs/accelerate/ddp_multigpu.yaml or "
+                               "model on every process (data parallel) and does not shard it (FSDP: SFT, DPO, "
+                               "PPO and the reward model only, trainer.fsdp=true); launch with configs/accelerate/ddp_multigpu.yaml or "
                                "torchrun (see docs/distributed.md)")
     if dist.is_available() and dist.is_initialized():
         pass

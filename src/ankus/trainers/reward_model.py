@@ -250,7 +250,11 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from ankus.checkpoint import GracefulExit, NonFiniteGuard, latest_checkpoint, load_checkpoint, save_checkpoint
 
     tc, d, m = cfg.trainer, cfg.data, cfg.method
-    ds = distributed.setup()
+    ds = distributed.setup(fsdp_ok=True, shard=tc.fsdp)
+    sharded = distributed.use_fsdp(tc.fsdp)
+    if sharded and m.lora:
+        raise ValueError("trainer.fsdp with method.lora is not supported: LoRA adapters are small, train them data "
+                         "parallel (trainer.fsdp=false)")
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     run_dir = distributed.on_main(create_run_dir, cfg.run, "reward_model", cfg, exist_ok=resume)
@@ -270,13 +274,25 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     hidden_size = trunk.config.get_text_config().hidden_size
     head = ValueHead(hidden_size).to(device)  # float32 whatever the trunk's dtype (heads cast their input)
     trunk = maybe_apply_lora(trunk, m)
+    if sharded:  # FSDP2: the trunk sharded over the processes, the (small) head replicated
+        distributed.fsdp_wrap(trunk)
     trunk.train()
-    params = [p for p in trunk.parameters() if p.requires_grad] + list(head.parameters())
-    opt, sched = make_optimizer(params, tc, m.lr_schedule, m.min_lr_ratio)
-    modules = {"model": trunk, "value_head": head}
+    trunk_params = [p for p in trunk.parameters() if p.requires_grad]
+    params = trunk_params + list(head.parameters())
+    # sharded (DTensor) and plain parameters in separate groups: a fused CUDA step cannot mix them
+    groups = [{"params": trunk_params}, {"params": list(head.parameters())}] if sharded else params
+    opt, sched = make_optimizer(groups, tc, m.lr_schedule, m.min_lr_ratio)
+    owner = torch.nn.ModuleDict({"model": trunk, "value_head": head})  # names the optimizer state under FSDP
+
+    def views(gather: bool) -> tuple[dict, Any]:
+        """The modules and optimizer as checkpoints see them (gathered stand-ins under FSDP)."""
+        trunk_view, opt_view = distributed.checkpoint_views(trunk, opt, gather=gather, optimizer_owner=owner)
+        return {"model": trunk_view, "value_head": head}, opt_view
+
     start = 0
     if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        start = load_checkpoint(ckpt, modules=modules, optimizer=opt, scheduler=sched)["step"]
+        modules, opt_view = views(gather=False)
+        start = load_checkpoint(ckpt, modules=modules, optimizer=opt_view, scheduler=sched)["step"]
         distributed.restore_rank_rng(ckpt)
         distributed.on_main(truncate_metrics, run_dir / "metrics.jsonl", start)
         if ds.is_main:
@@ -284,12 +300,14 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     def checkpoint(step: int) -> None:
         rngs = distributed.rank_rng_states()  # collective: every rank's RNG, saved by rank 0
-        distributed.on_main(save_checkpoint, run_dir, step, modules=modules, optimizer=opt, scheduler=sched,
+        modules, opt_view = views(gather=True)  # a collective under FSDP
+        distributed.on_main(save_checkpoint, run_dir, step, modules=modules, optimizer=opt_view, scheduler=sched,
                             generators=rngs, extra={"algorithm": "reward_model"}, keep_last=tc.keep_last)
 
     def evaluate() -> dict[str, float]:  # on rank 0 only (the replicas are identical); every rank gets it
-        return distributed.on_main(evaluate_pairs, trunk, head, eval_pairs, pad_id, mode, d.pack_length,
-                                   m.eval_batch_size)
+        with distributed.full_params(trunk):  # under FSDP: gathered, so rank 0's forwards need no collective
+            return distributed.on_main(evaluate_pairs, trunk, head, eval_pairs, pad_id, mode, d.pack_length,
+                                       m.eval_batch_size)
 
     before = evaluate() if eval_pairs and start == 0 else {}
     lengths = [len(c) + len(r) for c, r in train_pairs]
@@ -316,7 +334,13 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             size = max(1, math.ceil(len(indices) / n_micro))
             rewards_c, rewards_r = [torch.zeros(0)], [torch.zeros(0)]
             n_tokens = 0
-            for s in range(0, len(indices), size):
+            starts = list(range(0, len(indices), size))
+            if sharded:  # every process runs as many forwards (zero-weighted filler where it has fewer)
+                most = int(distributed.all_reduce_max(torch.tensor([float(len(starts))]))[0])
+                for _ in range(most - len(starts)):
+                    c, r = pair_rewards(trunk, head, train_pairs[:1], pad_id, mode, d.pack_length)
+                    ((c - r).sum() * 0.0).backward()
+            for s in starts:
                 pairs = [train_pairs[i] for i in indices[s:s + size]]
                 chosen, rejected = pair_rewards(trunk, head, pairs, pad_id, mode, d.pack_length)
                 loss, _ = bradley_terry_loss(chosen, rejected, m.margin or None)
@@ -332,7 +356,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             rejected_all = distributed.all_gather_cat(torch.cat(rewards_r))
             sums = {k: float(v) for k, v in bradley_terry_loss(chosen_all, rejected_all, m.margin or None)[1].items()}
             n_tokens = int(distributed.sum_floats(n_tokens)[0])
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0
+            grad_norm = (distributed.clip_grad_norm(params, tc.max_grad_norm) if tc.max_grad_norm > 0
                          else torch.tensor(0.0))
             if guard.check(sums["loss/rm"], grad_norm):
                 opt.step()
@@ -378,7 +402,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 "max_length": d.max_length, "score_mean": after.get("eval/score_mean", 0.0),
                 "score_std": after.get("eval/score_std", 1.0), "eval_accuracy": after.get("eval/accuracy"),
                 "trained_from": cfg.model.spec}
-        distributed.on_main(save_reward_model, trunk, head, tok, run_dir / "model", meta)
+        plain = distributed.unsharded_copy(trunk)  # FSDP: an ordinary copy on rank 0 (a collective)
+        distributed.on_main(save_reward_model, plain, head, tok, run_dir / "model", meta)
     if ds.is_main:
         print("[reward_model] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in summary.items()))
