@@ -87,6 +87,42 @@ configuration with ``--separate-behaviour-forward`` right after (load 1-3): 47.8
 by what both configurations share (torch, the policy, its packed generation weights ~1.5 GB at
 the start; rollout logits and hidden states at scoring, +0.7 GB), so removing the 0.5 GB
 reference copy gives 0.78x, not 0.7x.
+
+Memory, re-measured after the PPO update stopped making whole-batch vocabulary logits
+(2026-11-26 10:53-11:00 UTC, same versions, ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ppo.py
+--threads 1 --iters 2 --only ankus-hydra,ankus-copy``, "before" (commit e891191) and "after" back
+to back on the 2 shared cores, 1-min load 1.0-1.5)::
+
+  config           s/iter    gen  score  train  rows/s   cpu-s  peak RSS  +loaded   len  reward  trainable
+  before
+  ankus-hydra       23.06   8.21   9.95   4.91    1.39    23.1   2668 MB  2268 MB  30.9  +0.143       7.7M
+  ankus-copy        34.03   7.75  15.30  10.97    0.94    34.0   3456 MB  3056 MB  30.9  +0.143       7.7M
+  after
+  ankus-hydra       24.05   8.79   9.78   5.49    1.33    24.0   1746 MB  1346 MB  30.9  +0.143       7.7M
+  ankus-copy        36.01   8.44  16.01  11.57    0.89    36.0   2562 MB  2162 MB  30.9  +0.143       7.7M
+  Hydra / separate reference peak RSS: 0.77x -> 0.68x whole process, 0.74x -> 0.62x above the loaded model
+
+The trainer computes the same numbers (final weights and logged metrics bit for bit). The update
+takes its log-probs and entropy from the final hidden states through the output head a few rows
+at a time, recomputed in the backward pass (``ankus.losses.ppo.head_logprobs`` with
+``ankus.models.heads.output_head_bypassed``), instead of the minibatch's (32, 33, 49152) logits and
+their log-softmax and gradient temporaries; scoring runs 5 rows per forward instead of 32; the
+engine's packed weights (513 MB) are released after the rollouts (``release_packed``, ~0.4 s of
+repacking an iteration). Cost: +0.9 CPU-s an iteration for Hydra, +2.0 for the copy.
+
+The goal is met in this run but not with a margin: two earlier runs of the same code (10:25 and
+10:40 UTC, load 3) gave 1768 / 2453 MB (0.72x) and 1757 / 2485 MB (0.71x). Hydra's peak is steady
+(1746-1768 MB); the copy's moves by ~100 MB from run to run (presumably how glibc reuses freed heap
+blocks in its update). Hydra's peak is now sampling in the second iteration: the weights (513 MB,
+file-backed) and shared libraries (~90 MB); ~320 MB of anonymous memory that is not tensors
+(Python, torch, transformers, the tokenizer: what is left after gc and malloc_trim); Adam state,
+value head and Hydra branch (~95 MB); the packed copy of the weights (513 MB); the KV cache
+(~120 MB) and prefill activations (~100 MB). Its update peaks about as high (the top two blocks' activations for 32 rows, the head's
+chunks, gradients). The copy adds its 513 MB deep copy and an update that runs all 30 layers. A
+clear margin under 0.7x needs less memory while sampling; the packed weights are the largest item
+(a run with ``--no-packed-linears`` at 11:05 UTC gave 1782 / 2388 MB, 0.75x: Hydra's update then
+sets its peak, already 1717 MB in the first iteration, with no packed weights to release and so no
+``malloc_trim`` before it).
 """
 
 from __future__ import annotations

@@ -8,9 +8,14 @@ until the trainer asks for ``.item()``.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ankus.rl.stats import masked_mean
+
+LOGITS_CHUNK_ELEMENTS = 1 << 23
+"""Vocabulary-wide logits are made at most this many elements at a time (32 MiB in fp32) where a
+whole batch's would be large: :func:`rows_per_chunk`, :func:`head_logprobs`."""
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
@@ -46,6 +51,40 @@ def token_entropy(logits: Tensor) -> Tensor:
 def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
     """Mean next-token entropy over the masked (response) positions: (B, T, V), (B, T) -> ()."""
     return masked_mean(token_entropy(logits), mask)
+
+
+def rows_per_chunk(positions: int, vocab: int, budget: int = LOGITS_CHUNK_ELEMENTS) -> int:
+    """Batch rows whose (rows, positions, vocab) logits hold at most ``budget`` elements (at least 1)."""
+    return max(1, budget // max(positions * vocab, 1))
+
+
+def _logprobs_and_entropy(head: nn.Module, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(b, N, H), (b, N) -> log-probs (b, N), with grad, and next-token entropies (b, N), without."""
+    logits = head(hidden)  # (b, N, V)
+    with torch.no_grad():
+        entropy = token_entropy(logits)
+    return logprobs_from_logits(logits, labels), entropy
+
+
+def head_logprobs(hidden: Tensor, head: nn.Module, labels: Tensor,
+                  budget: int = LOGITS_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
+    """Log-probs of ``labels`` and next-token entropies under the output head ``head`` applied to
+    the final hidden states ``hidden``: (B, N, H), (B, N) -> (B, N), (B, N).
+
+    The same numbers as ``logprobs_from_logits(head(hidden), labels)`` and
+    ``token_entropy(head(hidden))``, gradients included (each row's logits are the same products:
+    bit for bit for SmolLM2 in fp32 on the CPU, at most float rounding apart elsewhere), without a
+    (B, N, V) logits tensor: the head runs on :func:`rows_per_chunk` rows at a time, and where a
+    gradient is needed each chunk's logits are recomputed in the backward pass (activation
+    checkpointing) instead of kept, which costs one more head matmul. The entropies carry no
+    gradient.
+    """
+    rows = rows_per_chunk(hidden.shape[1], head.weight.shape[0], budget)  # weight: (V, H)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    parts = [checkpoint(_logprobs_and_entropy, head, h, y, use_reentrant=False) if grad
+             else _logprobs_and_entropy(head, h, y)
+             for h, y in zip(hidden.split(rows), labels.split(rows))]  # (rows, N, H), (rows, N) each
+    return torch.cat([lp for lp, _ in parts]), torch.cat([e for _, e in parts])
 
 
 def policy_loss(

@@ -16,11 +16,43 @@ embedding space, and the trainable part is h x 2h x h instead of 2h x vocab.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["make_head", "ValueHead", "UnembeddingQHead", "ILQLHeads", "q_at"]
+__all__ = ["make_head", "ValueHead", "UnembeddingQHead", "ILQLHeads", "q_at", "output_head_bypassed"]
+
+
+@contextmanager
+def output_head_bypassed(model: nn.Module) -> Iterator[Callable[[torch.Tensor], bool]]:
+    """Within the block the model's output head returns its input, so the model's forward returns
+    its final hidden states at the kept positions (B, T, H) where it would return logits (B, T, V);
+    the vocabulary-wide logits can then be made a few rows at a time
+    (:func:`ankus.losses.ppo.head_logprobs` with ``model.get_output_embeddings()``).
+
+    Yields ``untouched(t)``: whether ``t``, what the forward returned as logits (or a view of it),
+    is the head's input itself. It is not when the model transforms its logits after the head
+    (Gemma's soft-capping, a logit scale, an upcast of half-precision logits); the head's input is
+    then not what the logits are made from, and the caller must run the ordinary forward instead.
+    """
+    head = model.get_output_embeddings()
+    inputs: list[tuple[int, int]] = []  # (storage, version) of what the head was given
+
+    def passthrough(x: torch.Tensor) -> torch.Tensor:
+        inputs.append((x.untyped_storage().data_ptr(), x._version))
+        return x
+
+    earlier = head.__dict__.get("forward")  # an instance-level forward set by someone else, restored after
+    head.forward = passthrough
+    try:
+        yield lambda t: (t.untyped_storage().data_ptr(), t._version) in inputs  # a new tensor, or changed in place: no
+    finally:
+        if earlier is None:
+            del head.forward
+        else:
+            head.forward = earlier
 
 
 def make_head(hidden_size: int, out_size: int) -> nn.Sequential:

@@ -39,9 +39,10 @@ from tqdm.auto import tqdm
 
 from ankus import distributed
 from ankus.config import ModelConfig, RunConfig, TrainerConfig
-from ankus.generation.engine import GenerationConfig, GenerationOutput, concat_outputs, generate
-from ankus.losses.ppo import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from ankus.models.heads import ValueHead
+from ankus.generation.engine import GenerationConfig, GenerationOutput, concat_outputs, generate, release_packed
+from ankus.losses.ppo import (head_logprobs, logprobs_from_logits, policy_loss, rows_per_chunk, token_entropy,
+                              value_loss)
+from ankus.models.heads import ValueHead, output_head_bypassed
 from ankus.models.loading import load_model
 from ankus.models.reference import make_reference, position_ids_from_mask
 from ankus.rewards import RewardError, check_rewards, get_reward_fn
@@ -347,13 +348,16 @@ def _generate_rollouts(policy, tok, prompts: list[str], cfg: Config, gen: torch.
     the seed (s + j), s drawn once per iteration from ``gen`` (the same stream on every process),
     so one process sampling every chunk and N processes sampling theirs produce the same rollouts.
     The result is padded to the longest prompt and response over all processes, so that the
-    processes' tensors can be gathered into one batch (laid out as one process would lay it out)."""
+    processes' tensors can be gathered into one batch (laid out as one process would lay it out).
+    The generation engine's packed weights are released after the last chunk: scoring and the
+    update do not use them, and they would hold as much memory as the weights until next time."""
     size = cfg.method.chunk_size
     base = int(torch.randint(0, 2 ** 62, (), generator=gen))
     first = distributed.rank() * math.ceil(len(prompts) / size)  # this process's first global chunk
     outs = [generate(policy, tok, prompts[s:s + size], cfg.generation, batch_size=size,
                      generator=torch.Generator().manual_seed(base + first + j))
             for j, s in enumerate(range(0, len(prompts), size))]
+    release_packed(policy)
     widths = torch.tensor([max(o.prompt_ids.shape[1] for o in outs), max(o.response_ids.shape[1] for o in outs)])
     P, N = distributed.all_reduce_max(widths).tolist()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -619,9 +623,13 @@ def _score_rollouts(policy, value_head, reference, input_ids, attn, response_ids
                     keep_hidden: bool = False, behaviour: bool = True):
     """Behaviour log-probs, values and reference log-probs, in chunks, without grad. -> 3 × (B, N);
     ``keep_hidden`` (Hydra) adds the hidden state at the split, (B, T, H), for ``TrunkCache``.
-    ``behaviour=False`` (no value head, no Hydra): only the reference runs; log-probs are None."""
+    ``behaviour=False`` (no value head, no Hydra): only the reference runs; log-probs are None.
+    A chunk is at most ``chunk`` rows, and fewer where its (rows, N + 1, V) logits would pass
+    ``rows_per_chunk``'s budget; a row's numbers do not depend on the rows beside it (bit for bit
+    for SmolLM2 in fp32 on the CPU; at most float rounding in the matrix products elsewhere)."""
     if not behaviour and (value_head is not None or keep_hidden or reference.hidden_index is not None):
         raise ValueError("the policy forward can be skipped only without a value head and a Hydra reference")
+    chunk = min(chunk, rows_per_chunk(n_resp + 1, policy.get_output_embeddings().weight.shape[0]))
     logps, values, ref_logps, hiddens = [], [], [], []
     for s in range(0, input_ids.shape[0], chunk):
         ids, am, resp = input_ids[s:s + chunk], attn[s:s + chunk], response_ids[s:s + chunk]
@@ -630,12 +638,30 @@ def _score_rollouts(policy, value_head, reference, input_ids, attn, response_ids
             logits, v, hidden = policy_forward(policy, value_head, ids, am, n_resp, reference.hidden_index)
             logps.append(logprobs_from_logits(logits, resp))
             values.append(v if v is not None else torch.zeros_like(resp, dtype=torch.float32))
+            del logits  # before the reference makes its own
         ref_logps.append(reference.logps(ids, am, hidden, n_resp))
         if keep_hidden:
             hiddens.append(hidden)
     out = (torch.cat(logps) if behaviour else None, (torch.cat(values) if value_head is not None else None),
            torch.cat(ref_logps))
     return (*out, torch.cat(hiddens)) if keep_hidden else out
+
+
+def _response_logprobs(policy, forward: Callable, resp: torch.Tensor):
+    """``forward() -> (logits, values)`` run with the policy's output head bypassed, so that its
+    (b, N, V) logits are never held at once: log-probs of ``resp`` (b, N), with grad, next-token
+    entropies (b, N), without, and the values, from ``head_logprobs``. A model that transforms its
+    logits after the head (soft-capping, scaling) runs ``forward`` again, as it is."""
+    with output_head_bypassed(policy) as untouched:
+        final_hidden, values = forward()  # (b, N, H) where the logits would be
+    if untouched(final_hidden):
+        logps, entropy = head_logprobs(final_hidden, policy.get_output_embeddings(), resp)
+        return logps, entropy, values
+    del final_hidden, values  # (and the first forward's graph) before the second forward
+    logits, values = forward()
+    with torch.no_grad():
+        entropy = token_entropy(logits)
+    return logprobs_from_logits(logits, resp), entropy, values
 
 
 def _ppo_step(policy, value_head, opt, params, cfg: Config, beta, guard: NonFiniteGuard, ids, am, resp, mask,
@@ -649,11 +675,13 @@ def _ppo_step(policy, value_head, opt, params, cfg: Config, beta, guard: NonFini
     ``old_logps=None`` (the first update on these rollouts, nothing changed yet): the behaviour
     log-probs are this forward's, detached (ratio 1, the gradient of ρ), appended to ``behaviour``."""
     m, tc = cfg.method, cfg.trainer
-    if trunk is not None and hidden is not None:
-        logits, values = trunk.forward(value_head, hidden, am, n_resp)
-    else:
-        logits, values, _ = policy_forward(policy, value_head, ids, am, n_resp)
-    logps = logprobs_from_logits(logits, resp)  # (b, N)
+
+    def forward():  # -> logits (b, N, V), values (b, N) or None
+        if trunk is not None and hidden is not None:
+            return trunk.forward(value_head, hidden, am, n_resp)
+        return policy_forward(policy, value_head, ids, am, n_resp)[:2]
+
+    logps, entropy, values = _response_logprobs(policy, forward, resp)  # (b, N) each; entropy without grad
     if old_logps is None:
         old_logps = logps.detach()
         if behaviour is not None:
@@ -670,8 +698,7 @@ def _ppo_step(policy, value_head, opt, params, cfg: Config, beta, guard: NonFini
         kl_loss = masked_mean(kl_k3(logps, ref_logps), mask)  # reference log-probs from the rollout phase
         loss = loss + beta * kl_loss
         out["loss/kl"] = float(kl_loss.detach())
-    with torch.no_grad():
-        out["policy/entropy"] = float(entropy_from_logits(logits.detach(), mask))
+    out["policy/entropy"] = float(masked_mean(entropy, mask))
     out["loss/total"] = float(loss.detach())
     out = distributed.weighted_stats(out, share, max_keys=("policy/ratio_max",))  # the minibatch's, over processes
     skipped = 1.0
