@@ -43,6 +43,8 @@ class Reference:
         hidden_index: for ``"hydra"``, which entry of the policy forward's
             ``output_hidden_states=True`` tuple :meth:`logps` wants (L−N); ``None`` otherwise.
         hydra: the :class:`~ankus.models.hydra.HydraReference` (``"hydra"`` only).
+        base: the model whose log-probs are the reference's: the frozen copy (``"copy"``) or the
+            ``PeftModel``, run with its adapters disabled (``"lora"``); ``None`` under ``"hydra"``.
     """
 
     mode: str
@@ -50,6 +52,7 @@ class Reference:
     hidden_index: int | None
     _logits: Callable[..., Tensor] = field(repr=False)
     hydra: HydraReference | None = None
+    base: nn.Module | None = field(default=None, repr=False)
 
     def logits(self, input_ids: Tensor, attention_mask: Tensor, policy_hidden: Tensor | None = None,
                position_ids: Tensor | None = None, logits_to_keep: int = 0) -> Tensor:
@@ -80,6 +83,23 @@ class Reference:
         logits = self.logits(input_ids, attention_mask, policy_hidden, position_ids, keep)
         labels = input_ids[:, 1:] if n_resp is None else input_ids[:, input_ids.shape[1] - n_resp:]
         return logprobs_from_logits(logits[:, :-1], labels)  # logits at t predict token t+1
+
+    @torch.no_grad()
+    def shared_prompt_logps(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                            response_mask: Tensor) -> Tensor:
+        """Reference log-probs of the response tokens (B, N), float32, each distinct prompt run once
+        (:func:`ankus.models.prefix.shared_prompt_hidden`); ``"copy"`` and ``"lora"`` only."""
+        from contextlib import nullcontext
+
+        from ankus.losses.ppo import head_logprobs
+        from ankus.models.prefix import shared_prompt_hidden
+
+        if self.base is None:
+            raise ValueError("a Hydra reference reads the policy's hidden states: it has no shared-prompt forward")
+        adapters_off = self.base.disable_adapter() if self.mode == "lora" else nullcontext()
+        with eval_mode(self.base), adapters_off:
+            hidden = shared_prompt_hidden(self.base, prompt_ids, prompt_mask, response_ids, response_mask)
+            return head_logprobs(hidden, self.base.get_output_embeddings(), response_ids)[0]
 
 
 def _full_forward(model: nn.Module) -> Callable[..., Tensor]:
@@ -151,9 +171,9 @@ def make_reference(model: nn.Module, mode: Mode = "hydra", num_layers_unfrozen: 
         return Reference("hydra", model, hydra.split_index, _hydra_forward(hydra), hydra)
     if mode == "lora":
         policy = model if _is_peft(model) else apply_lora(model, lora_r, lora_alpha, lora_dropout, target_modules)
-        return Reference("lora", policy, None, _lora_forward(policy))
+        return Reference("lora", policy, None, _lora_forward(policy), base=policy)
     if mode == "copy":
         freeze_for_hydra(model, num_layers_unfrozen)
         frozen = copy.deepcopy(model).requires_grad_(False).eval()
-        return Reference("copy", model, None, _full_forward(frozen))
+        return Reference("copy", model, None, _full_forward(frozen), base=frozen)
     raise ValueError(f"unknown reference mode '{mode}'; expected 'hydra', 'lora' or 'copy'")
