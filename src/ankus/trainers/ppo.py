@@ -4,7 +4,9 @@ One iteration:
   1. rollouts: ``num_rollouts`` responses sampled by the generation engine in chunks of
      ``chunk_size`` (``samples_per_prompt`` per prompt), scored by the reward function;
   2. one no-grad forward gives the behaviour log-probs, values and the reference log-probs
-     (Hydra branch, LoRA-disabled model, or a frozen copy); when nothing reads the behaviour
+     (Hydra branch, LoRA-disabled model, or a frozen copy); with k samples per prompt each
+     distinct prompt runs once, its KV cache shared by its k responses (``method.share_prompts``,
+     ankus.models.prefix; also in the update's forward); when nothing reads the behaviour
      log-probs before the one and only update (GRPO, one epoch, one minibatch) they are taken from
      that update's forward instead (``method.reuse_update_forward``);
   3. rewards = clipped score at the last response token − β·(logp − logp_ref) per token;
