@@ -123,6 +123,30 @@ clear margin under 0.7x needs less memory while sampling; the packed weights are
 (a run with ``--no-packed-linears`` at 11:05 UTC gave 1782 / 2388 MB, 0.75x: Hydra's update then
 sets its peak, already 1717 MB in the first iteration, with no packed weights to release and so no
 ``malloc_trim`` before it).
+
+Shared prompts (2026-11-26 11:20-11:33 UTC, same versions, the machine otherwise idle, 1-min load
+1.0-1.9; ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ppo.py --threads 1 --only
+ankus-grpo,trl-grpo,ankus-hydra,ankus-copy``). The k = 4 responses to a prompt now share one run
+of the prompt, in the scoring forwards and in the update (``method.share_prompts``,
+``ankus.models.prefix``). This covers every configuration with a copy or LoRA reference: GRPO
+and the separate-copy PPO here, but not Hydra, whose branch reads the policy's full-sequence
+hidden states::
+
+  config           s/iter    gen  score  train  rows/s   cpu-s  peak RSS  +loaded   len  reward  trainable
+  ankus-grpo        29.02   8.76   4.90  15.37    1.10    29.0   5415 MB  5016 MB  31.0  +0.129     134.5M
+  trl-grpo          67.57  11.93  10.61  45.03    0.47    67.5  10066 MB  9554 MB  30.6  +0.061     134.5M
+  ankus-hydra       24.90   9.02  10.25   5.64    1.29    24.9   1752 MB  1352 MB  31.0  +0.101       7.7M
+  ankus-copy        26.04   8.83  10.09   7.12    1.23    26.0   2318 MB  1919 MB  30.8  +0.107       7.7M
+  ankus GRPO throughput / TRL GRPO throughput: 2.33x   (goal >= 1.5x)
+  Hydra peak RSS / separate-reference peak RSS: 0.76x whole process, 0.70x (0.705) above the loaded model
+
+A run just before, without shared prompts, gave ankus-grpo 48.9 s/iter against TRL's 63.9 s/iter
+(1.31x). With 47-token prompts and 31-token responses, a prompt run once instead of four times
+removes ~45% of the forward and backward work. On one core a SmolLM2 training forward + backward
+of this batch took 14.0 s instead of 23.8 s. The same sharing makes the separate copy cheaper
+too, in time (36.0 -> 26.0 s/iter) and in memory (2562 -> 2318 MB). So the Hydra / copy memory
+ratio is back above 0.7x, though neither configuration got worse. Hydra can't share prompts:
+its branch would need the same cache expansion over the policy's hidden states at the split.
 """
 
 from __future__ import annotations
