@@ -124,7 +124,7 @@ clear margin under 0.7x needs less memory while sampling; the packed weights are
 sets its peak, already 1717 MB in the first iteration, with no packed weights to release and so no
 ``malloc_trim`` before it).
 
-Shared prompts (2026-11-26 11:20-11:33 UTC, same versions, the machine otherwise idle, 1-min load
+Shared prompts (2026-11-26 11:20-11:31 UTC, same versions, the machine otherwise idle, 1-min load
 1.0-1.9; ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ppo.py --threads 1 --only
 ankus-grpo,trl-grpo,ankus-hydra,ankus-copy``). The k = 4 responses to a prompt now share one run
 of the prompt, in the scoring forwards and in the update (``method.share_prompts``,
