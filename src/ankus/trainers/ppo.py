@@ -46,6 +46,7 @@ from ankus.losses.ppo import (head_logprobs, logprobs_from_logits, policy_loss, 
                               value_loss)
 from ankus.models.heads import ValueHead, output_head_bypassed
 from ankus.models.loading import load_model
+from ankus.models.prefix import head_is_plain, shared_prompt_hidden
 from ankus.models.reference import make_reference, position_ids_from_mask
 from ankus.rewards import RewardError, check_rewards, get_reward_fn
 from ankus.rl.estimators import grpo_advantages, rloo_advantages, sequence_to_token_advantages
@@ -405,7 +406,7 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
 
     reference, ref_mode = _make_reference(model, m)  # its copies are taken before any sharding
     policy = reference.policy  # the model to train (a peft model under LoRA)
-    _head_is_plain(policy)  # checked (and remembered) while every process still holds the whole model
+    head_is_plain(policy)  # checked (and remembered) while every process still holds the whole model
     if sharded:
         # FSDP2: each process holds 1/N of every layer; the updates run sharded. Sampling and
         # scoring run inside distributed.full_params (the whole policy gathered once), where
@@ -425,7 +426,7 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
     # each prompt once per forward: k responses per prompt, no Hydra branch (it reads the policy's
     # full-sequence hidden states), and logits that are the output head's alone (checked once)
     shared = (m.share_prompts and m.samples_per_prompt > 1 and reference.hidden_index is None
-              and _head_is_plain(policy))
+              and head_is_plain(policy))
     hidden_size = model.config.get_text_config().hidden_size
     value_head = ValueHead(hidden_size).to(device) if m.estimator == "gae" else None
     if value_head is not None:
@@ -630,17 +631,9 @@ def _scores_tensor(raw, mask: torch.Tensor, dense: bool) -> torch.Tensor:
     return out * mask
 
 
-def _head_is_plain(model) -> bool:
-    from ankus.models.prefix import head_is_plain
-
-    return head_is_plain(model)
-
-
 def _shared_forward(policy, value_head, ids, am, resp, n_resp: int):
     """Log-probs of ``resp`` (b, N), next-token entropies (b, N, no grad) and values (or None),
     each distinct prompt run once (:func:`ankus.models.prefix.shared_prompt_hidden`)."""
-    from ankus.models.prefix import shared_prompt_hidden
-
     P = ids.shape[1] - n_resp
     hidden = shared_prompt_hidden(policy, ids[:, :P], am[:, :P], resp, am[:, P:])  # (b, N, H)
     logps, entropy = head_logprobs(hidden, policy.get_output_embeddings(), resp)
