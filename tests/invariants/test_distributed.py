@@ -524,13 +524,24 @@ def test_ppo_fsdp_two_processes_equal_one_plain_process_and_resume(tmp_path):
               "method.scale_reward=running", "method.target=1.0", "generation.max_new_tokens=6",
               "data.num_eval=2", "data.eval_samples=1"]
     fsdp = ["method.num_rollouts=4", "trainer.batch_size=2", "trainer.fsdp=true", "run.name=fsdp"]
+    # GRPO, everything trains, a copy reference: prompts shared by their k = 2 responses in every forward
+    grpo = ["method.estimator=grpo", "method.samples_per_prompt=2", "method.reference=copy",
+            "method.num_layers_unfrozen=-1"]
     _run_all({
         "one": _train(tmp_path, 1, "ppo_sentiment", *common, "method.num_rollouts=8", "trainer.batch_size=4",
                       "run.name=one"),
         "fsdp": _train(tmp_path, 2, "ppo_sentiment", *common, *fsdp),
-    }, _env(tmp_path), timeout=300)
+        "grpo_one": _train(tmp_path, 1, "ppo_sentiment", *common, *grpo, "method.num_rollouts=8",
+                           "trainer.batch_size=4", "run.name=grpo_one"),
+        "grpo_fsdp": _train(tmp_path, 2, "ppo_sentiment", *common, *grpo, *fsdp[:-1], "run.name=grpo_fsdp"),
+    }, _env(tmp_path), timeout=400)
     one, two = tmp_path / "one", tmp_path / "fsdp"
     ck = "checkpoints/step-00000002"
+    ga = load_file(str(tmp_path / "grpo_one" / ck / "policy.safetensors"))
+    gb = load_file(str(tmp_path / "grpo_fsdp" / ck / "policy.safetensors"))
+    diff = max(float((ga[k] - gb[k]).abs().max()) for k in ga)
+    print(f"GRPO (shared prompts) FSDP policy: max |param diff| 2 sharded processes vs 1 plain: {diff:.3g}")
+    assert diff <= TOL
     _assert_same_params(one / ck / "value_head.safetensors", two / ck / "value_head.safetensors",
                         "PPO FSDP value head 2 sharded processes vs 1 plain")
     ta, tb = load_file(str(one / ck / "policy.safetensors")), load_file(str(two / ck / "policy.safetensors"))
