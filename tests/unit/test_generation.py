@@ -69,6 +69,36 @@ def test_static_cache_step_matches_transformers(tiny, spec, monkeypatch):
     assert_same_as_hf(out, hf_greedy(model, tok, PROMPTS, 10), tok.pad_token_id)
 
 
+def test_repeated_prompts_share_one_prefill(tiny, monkeypatch):
+    """k samples of a prompt: the prompt is prefilled once and its cache rows repeated. Greedy output
+    still equals transformers' row by row; sampled rows differ, and the log-probs the engine
+    reports are those of a teacher-forced forward over prompt + response."""
+    model, tok = tiny["tiny-llama"]
+    prefilled = []
+    real = engine._prefill
+
+    def counting(m, ids, *args, **kwargs):
+        prefilled.append(ids.shape[0])
+        return real(m, ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_prefill", counting)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[0]]
+    out = generate(model, tok, prompts, GenerationConfig(max_new_tokens=8, do_sample=False))
+    assert prefilled == [3]  # three distinct prompts for six rows
+    assert_same_as_hf(out, hf_greedy(model, tok, prompts, 8), tok.pad_token_id)
+    out = generate(model, tok, prompts, GenerationConfig(max_new_tokens=8, do_sample=True),
+                   generator=torch.Generator().manual_seed(0))
+    assert out.response_ids[0].tolist() != out.response_ids[2].tolist()  # same prompt, own draws
+    full = torch.cat([out.prompt_ids, out.response_ids], 1)
+    mask = torch.cat([out.prompt_mask, out.response_mask], 1)
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    P = out.prompt_ids.shape[1]
+    logps = torch.log_softmax(logits[:, P - 1:-1].float(), -1).gather(-1, out.response_ids[..., None]).squeeze(-1)
+    live = out.response_mask.bool()
+    assert torch.allclose(logps[live], out.logprobs[live], atol=1e-5)
+
+
 def test_static_slots_are_kept_and_reused_between_calls(tiny, monkeypatch):
     """The kept static cache (what a CUDA graph reads): one slot per (batch size, cache length
     rounded up to 64); a later call of the same shape runs in the same slot after a reset, other

@@ -458,6 +458,18 @@ def _prefill(model, ids: Tensor, mask: Tensor, max_new: int, static: bool,
     return branch, out.logits[:, -1]
 
 
+def _prefill_once_per_prompt(model, ids: Tensor, mask: Tensor, max_new: int) -> tuple[_Branch, Tensor]:
+    """:func:`_prefill` (dynamic cache) where equal prompt rows run once: k samples of one prompt
+    (GRPO, RLOO, ``eval_samples``) share its prefill, whose cache rows are then repeated."""
+    distinct, inverse = torch.unique(torch.cat([ids, mask], 1), dim=0, return_inverse=True)
+    if distinct.shape[0] == ids.shape[0]:
+        return _prefill(model, ids, mask, max_new, static=False)
+    P = ids.shape[1]
+    branch, logits = _prefill(model, distinct[:, :P], distinct[:, P:], max_new, static=False)
+    _keep_rows(branch, inverse)  # (U, ...) -> (B, ...): row i gets its prompt's cache, mask and position
+    return branch, logits[inverse]
+
+
 def _decode(model, branch: _Branch, tokens: Tensor) -> Tensor:
     """Feed one token per row (B,); returns the (B, V) logits for the next."""
     branch.mask[:, branch.length] = 1
@@ -470,7 +482,8 @@ def _decode(model, branch: _Branch, tokens: Tensor) -> Tensor:
 
 
 def _keep_rows(branch: _Branch, keep: Tensor) -> None:
-    """Drop finished rows from a (dynamic-cache) branch: its cache layers, mask and positions."""
+    """Keep the rows ``keep`` of a (dynamic-cache) branch, in that order: its cache layers, mask and
+    positions. Drops finished rows; with repeated indices it also repeats rows (a shared prefill)."""
     branch.cache.batch_select_indices(keep)
     branch.mask = branch.mask.index_select(0, keep)
     branch.positions = branch.positions.index_select(0, keep)
@@ -681,13 +694,17 @@ def _generate_chunk(model, tokenizer, prompt_ids: list[list[int]], uncond_ids: l
         return (_static_step(model, b, dtype, capture=mode == "graph", slot=s, compiled=compiled) if static
                 else functools.partial(_decode, model, b))
 
-    c_slot = slot(0, B, ids.shape[1])
-    branch, logits = _prefill(model, ids, mask, N, static=static, slot=c_slot)
+    def prefill(tag: int, p_ids: Tensor, p_mask: Tensor) -> tuple[_Branch, Tensor, _GraphSlot | None]:
+        if not static:  # a dynamic cache can repeat rows: each distinct prompt is run once
+            return (*_prefill_once_per_prompt(model, p_ids, p_mask, N), None)
+        s = slot(tag, B, p_ids.shape[1])
+        return (*_prefill(model, p_ids, p_mask, N, static=True, slot=s), s)
+
+    branch, logits, c_slot = prefill(0, ids, mask)
     step = stepper(branch, c_slot)
     if guided:
         u_ids, u_mask = left_pad(uncond_ids, pad_id)
-        u_slot = slot(1, B, u_ids.shape[1])
-        u_branch, u_logits = _prefill(model, u_ids.to(device), u_mask.to(device), N, static=static, slot=u_slot)
+        u_branch, u_logits, u_slot = prefill(1, u_ids.to(device), u_mask.to(device))
         u_step = stepper(u_branch, u_slot)
 
     rows = torch.arange(B, device=device)  # original index of each row still computed
