@@ -147,6 +147,20 @@ of this batch took 14.0 s instead of 23.8 s. The same sharing makes the separate
 too, in time (36.0 -> 26.0 s/iter) and in memory (2562 -> 2318 MB). So the Hydra / copy memory
 ratio is back above 0.7x, though neither configuration got worse. Hydra can't share prompts:
 its branch would need the same cache expansion over the policy's hidden states at the split.
+
+Shared prefill in sampling too (2026-11-26 12:05-12:17 UTC, same command). The generation engine
+now prefills each distinct prompt once and repeats its cache rows, which every configuration
+uses::
+
+  ankus-hydra       47.64  11.45  26.30   9.90    0.67    23.6   1738 MB  1339 MB  31.0  +0.101       7.7M
+  ankus-copy        25.63   6.13  11.35   8.15    1.25    25.6   2343 MB  1943 MB  30.8  +0.107       7.7M
+  ankus-grpo        26.16   5.69   5.06  15.41    1.22    26.1   5359 MB  4960 MB  31.0  +0.129     134.5M
+  trl-grpo          61.30  11.22  10.37  39.72    0.52    61.3   9777 MB  9265 MB  30.6  +0.061     134.5M
+  ankus GRPO throughput / TRL GRPO throughput: 2.34x   (goal >= 1.5x)
+  Hydra peak RSS / separate-reference peak RSS: 0.74x whole process, 0.69x above the loaded model
+
+GRPO sampling fell from 8.8 to 5.7 s an iteration. The Hydra run overlapped a test run, so its wall
+times are inflated (CPU 23.6 s/iter); its memory is not affected.
 """
 
 from __future__ import annotations
