@@ -124,7 +124,7 @@ clear margin under 0.7x needs less memory while sampling; the packed weights are
 sets its peak, already 1717 MB in the first iteration, with no packed weights to release and so no
 ``malloc_trim`` before it).
 
-Shared prompts (2026-11-26 11:20-11:31 UTC, same versions, the machine otherwise idle, 1-min load
+Shared prompts (2026-11-26 11:20-11:28 UTC, same versions, the machine otherwise idle, 1-min load
 1.0-1.9; ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ppo.py --threads 1 --only
 ankus-grpo,trl-grpo,ankus-hydra,ankus-copy``). The k = 4 responses to a prompt now share one run
 of the prompt, in the scoring forwards and in the update (``method.share_prompts``,
@@ -148,7 +148,7 @@ too, in time (36.0 -> 26.0 s/iter) and in memory (2562 -> 2318 MB). So the Hydra
 ratio is back above 0.7x, though neither configuration got worse. Hydra can't share prompts:
 its branch would need the same cache expansion over the policy's hidden states at the split.
 
-Shared prefill in sampling too (2026-11-26 12:05-12:17 UTC, same command). The generation engine
+Shared prefill in sampling too (2026-11-26 11:51-12:03 UTC, same command). The generation engine
 now prefills each distinct prompt once and repeats its cache rows, which every configuration
 uses::
 
