@@ -193,6 +193,43 @@ DEFAULT = ["ankus-hydra", "ankus-copy", "ankus-grpo", "trl-grpo", "trl-rloo"]
 EXTRA = ["ankus-copy-all", "ankus-rloo"]
 
 
+# Random-init shapes for --model (the memory comparison at a size where the weights, not the
+# Python process, dominate): SmolLM2-360M's configuration with SmolLM2-135M's tokenizer.
+SHAPES = {
+    "smollm2-360m-random": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
+                                intermediate_size=2560),
+}
+
+
+def model_dir(name: str) -> str:
+    """The HF directory both sides load: the bundled SmolLM2-135M-Instruct, a random-init shape
+    of ``SHAPES`` (written once under ~/.cache/ankus/bench), or a directory given by path."""
+    from ankus.models.loading import default_model_dir
+
+    if name == "smollm2-135m-instruct":
+        return str(default_model_dir())
+    if name not in SHAPES:
+        if Path(name).is_dir():
+            return name
+        raise SystemExit(f"--model: '{name}' is neither smollm2-135m-instruct, one of {list(SHAPES)}, nor a directory")
+    out = Path.home() / ".cache" / "ankus" / "bench" / name
+    if not (out / "config.json").exists():
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        base = default_model_dir()
+        config = AutoConfig.from_pretrained(base)
+        for key, value in SHAPES[name].items():
+            setattr(config, key, value)
+        config.head_dim = config.hidden_size // config.num_attention_heads
+        torch.manual_seed(0)
+        tmp = out.with_name(out.name + ".tmp")
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+        tmp.rename(out)  # whole or absent
+    return str(out)
+
+
 def openings() -> list[str]:
     from ankus.data.assets import review_openings
 
@@ -292,10 +329,11 @@ def worker_ankus(name: str, args) -> dict:
     prompts = write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in openings()])
     recipe = {
         "algorithm": "ppo",
-        "model": {"spec": "smollm2-135m-instruct", "dtype": "float32"},
+        "model": {"spec": model_dir(args.model), "dtype": "float32"},
         "data": {"prompts": str(prompts), "template": TEMPLATE, "num_eval": 2},
         "generation": {"max_new_tokens": args.new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                       "chat_template": True, "packed_linears": not args.no_packed_linears},
+                       "chat_template": True, "packed_linears": not args.no_packed_linears,
+                       "move_frozen": not args.no_move_frozen},
         "method": {"estimator": spec["estimator"], "samples_per_prompt": K, "num_rollouts": N_PROMPTS * K,
                    "chunk_size": N_PROMPTS * K, "ppo_epochs": 1, "init_kl_coef": args.beta,
                    "reference": spec["reference"], "num_layers_unfrozen": spec["layers"],
@@ -331,7 +369,6 @@ def worker_trl(name: str, args) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from ankus.models.loading import default_model_dir
     from ankus.rewards.sentiment import sentiment_reward
 
     trainer_kind = CONFIGS[name]["trainer"]
@@ -340,11 +377,11 @@ def worker_trl(name: str, args) -> dict:
     else:
         from trl import RLOOConfig as TRLConfig, RLOOTrainer as TRLTrainer
 
-    model_dir = str(default_model_dir())
-    # The policy from the same cached HF directory ankus loads; TRL builds its reference model
-    # from config._name_or_path, i.e. this directory again.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    directory = model_dir(args.model)
+    # The policy from the same HF directory ankus loads; TRL builds its reference model from
+    # config._name_or_path, i.e. this directory again.
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(directory)
     rss_loaded = rss_now()
     # conversational prompts: TRL applies the chat template (add_generation_prompt), as ankus does
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": TEMPLATE.format(prompt=p)}]}
@@ -431,6 +468,12 @@ def main() -> None:
     p.add_argument("--extra", action="store_true", help="also run " + ", ".join(EXTRA))
     p.add_argument("--no-packed-linears", action="store_true",
                    help="ankus: generation.packed_linears=false (no cached oneDNN copy of the weights)")
+    p.add_argument("--no-move-frozen", action="store_true",
+                   help="ankus: generation.move_frozen=false (frozen weights get a packed copy beside them while sampling)")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help=f"smollm2-135m-instruct (default), a random-init shape ({', '.join(SHAPES)}) or an HF directory")
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (freed blocks may stay with the process and count in RSS)")
     p.add_argument("--separate-behaviour-forward", action="store_true",
                    help="ankus: method.reuse_update_forward=false (GRPO runs the no-grad behaviour forward anyway)")
     p.add_argument("--json", help="also write the raw results here")
@@ -451,14 +494,24 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
+    if not args.glibc_malloc:
+        # Every child's large allocations (>= 1 MiB: every tensor that matters) get pages of their
+        # own that go back to the OS when freed. By default glibc raises this threshold as blocks
+        # are freed and then keeps freed blocks in its heap, so a child's peak RSS depended on the
+        # order of its allocations (the same run of the copy configuration peaked anywhere from
+        # 2.2 to 2.5 GB); with it fixed, peak RSS follows the memory the run actually holds.
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    model_dir(args.model)  # a random-init shape is written once, before the children start
     argv = ["--iters", str(args.iters), "--new-tokens", str(args.new_tokens), "--lr", str(args.lr),
-            "--beta", str(args.beta), "--threads", str(args.threads)] + (
+            "--beta", str(args.beta), "--threads", str(args.threads), "--model", args.model] + (
+                ["--no-move-frozen"] if args.no_move_frozen else []) + (
                 ["--no-packed-linears"] if args.no_packed_linears else []) + (
                 ["--separate-behaviour-forward"] if args.separate_behaviour_forward else [])
     rows = N_PROMPTS * K
-    print(f"PPO-family benchmark: SmolLM2-135M-Instruct fp32, {N_PROMPTS} prompts x k={K} = {rows} completions/iter, "
+    print(f"PPO-family benchmark: {args.model} fp32, {N_PROMPTS} prompts x k={K} = {rows} completions/iter, "
           f"<= {args.new_tokens} new tokens, 1 optimizer step/iter, lr {args.lr}, beta {args.beta}, "
-          f"{args.iters} iters ({args.warmup} warm-up), {args.threads} threads, CPU ({os.cpu_count()} cores, "
+          f"{args.iters} iters ({args.warmup} warm-up), {args.threads} threads, MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}, "
+          f"CPU ({os.cpu_count()} cores, "
           f"load {' '.join(f'{x:.1f}' for x in os.getloadavg())})", flush=True)
     head = (f"  {'config':15s} {'s/iter':>7s} {'gen':>6s} {'score':>6s} {'train':>6s} {'rows/s':>7s} {'cpu-s':>7s} "
             f"{'peak RSS':>9s} {'+loaded':>8s} {'len':>5s} {'reward':>7s} {'trainable':>10s}")

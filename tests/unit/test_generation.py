@@ -338,3 +338,100 @@ def test_config_validation():
     with pytest.raises(ValueError, match="top_k"):
         GenerationConfig(top_k=-1)
     GenerationConfig(temperature=0.0, do_sample=False)  # greedy ignores temperature
+
+
+def _freeze_all_but_last_block(model):
+    from ankus.models.hydra import decoder_layers
+
+    model.requires_grad_(False)
+    decoder_layers(model)[-1].requires_grad_(True)
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt2"])  # nn.Linear; GPT-2's Conv1D (stored transposed)
+def test_frozen_weights_move_into_their_packed_form_and_come_back_bit_for_bit(spec):
+    model, tok = load_model(spec, seed=3)
+    _freeze_all_but_last_block(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    head = model.get_output_embeddings().weight
+    tied = head is model.get_input_embeddings().weight
+    conv1d = engine._conv1d_type()
+    linear_weights = {id(m.weight) for m in model.modules() if type(m) in (torch.nn.Linear, conv1d)}
+    x = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        ref = model(x).logits
+        with packed_linears(model):  # packed copies beside the weights
+            copied = model(x).logits
+        with packed_linears(model, move_frozen=True):
+            moved = model(x).logits
+            for name, p in params.items():
+                is_moved = p.untyped_storage().nbytes() == p.element_size()  # one element: NaN
+                frozen_linear = not p.requires_grad and id(p) in linear_weights and not (tied and p is head)
+                assert is_moved == frozen_linear, name  # trainable, tied and non-linear weights stay
+                assert p.shape == before[name].shape and p.dtype == before[name].dtype
+                if is_moved:
+                    assert torch.isnan(p).all()
+        after = model(x).logits
+    assert torch.equal(moved, copied)  # the same packed products
+    torch.testing.assert_close(moved, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after, ref)
+    for name, p in model.named_parameters():
+        assert p is params[name] and torch.equal(p, before[name]), name  # the same Parameter, bit for bit
+        assert p.is_contiguous() and p.requires_grad == (name in {n for n, q in params.items() if q.requires_grad})
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_generate_moves_frozen_weights_by_default_with_the_same_output(tiny):
+    model, tok = load_model("tiny-llama", seed=6)
+    _freeze_all_but_last_block(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = dict(max_new_tokens=6, do_sample=True, temperature=1.0)
+    out = {}
+    for move in (False, True):
+        out[move] = generate(model, tok, PROMPTS, GenerationConfig(move_frozen=move, **cfg),
+                             generator=torch.Generator().manual_seed(1))
+        engine.release_packed(model)
+    assert torch.equal(out[True].response_ids, out[False].response_ids)
+    assert torch.equal(out[True].logprobs, out[False].logprobs)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_moving_a_memory_mapped_weight_releases_its_pages(tmp_path):
+    """Weights that from_pretrained maps from a safetensors file: while moved, the mapping's pages
+    for them stop counting as the process's memory (Linux); afterwards the weights are intact."""
+    import re
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if not Path("/proc/self/smaps").exists():
+        pytest.skip("needs Linux /proc/self/smaps to see a mapping's resident pages")
+    config = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=512, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    model.requires_grad_(False)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}  # reads every page once
+
+    def resident_kib() -> int:  # of the safetensors mapping(s)
+        total, inside = 0, False
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                inside = line.endswith("model.safetensors")
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+        return total
+
+    mapped = resident_kib()
+    linear_kib = sum(p.numel() * 4 for n, p in model.named_parameters() if "layers" in n and p.dim() == 2) // 1024
+    if mapped < linear_kib:
+        pytest.skip("this transformers copies safetensors weights instead of mapping them")
+    with packed_linears(model, move_frozen=True):
+        released = mapped - resident_kib()
+    # the 14 block matrices (~3.4 MB) go; the tied embedding/head and the norms stay mapped
+    assert released >= linear_kib - 14 * 8  # whole pages only: up to 2 edge pages a matrix stay
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        model(x)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())

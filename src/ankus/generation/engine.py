@@ -83,6 +83,12 @@ class GenerationConfig:
     """Keep generating past EOS (fixed-length rollouts, benchmarks); stop strings still apply."""
     packed_linears: bool = True
     """CPU: run linear layers through oneDNN with weights packed once (same fp32 math, faster)."""
+    move_frozen: bool = True
+    """CPU packed linears: a frozen weight (``requires_grad=False``) that only its linear layer
+    uses lives in packed form alone during the call, and is rebuilt bit for bit afterwards, instead
+    of a packed copy being kept beside it: sampling from a model whose trunk or base is frozen (PPO's
+    Hydra or frozen-trunk policy, LoRA) holds those weights once, not twice. Costs a repack per call
+    (~0.4 s for SmolLM2-135M); false = cache the packed copies across calls."""
     bf16: bool = False
     """CPU opt-in: packed linear layers in bf16 (activations cast per layer); changes numerics."""
     cuda_graph: bool = True
@@ -272,11 +278,11 @@ def _packed_weight(weight: Tensor, transpose: bool, dtype: torch.dtype, rows_hin
     return packed
 
 
-def _packed_forward(module: nn.Module, packed: Tensor, out_features: int, x: Tensor) -> Tensor:
+def _packed_forward(module: nn.Module, packed: Tensor, out_features: int, x: Tensor, dense: bool = True) -> Tensor:
     compute_dtype = packed.dtype
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x2.shape[0] == 1 and compute_dtype == module.weight.dtype:
+    if dense and x2.shape[0] == 1 and compute_dtype == module.weight.dtype:
         # one row (batch-1 decoding): MKL's matrix-vector path is ~4% faster than oneDNN's here
         return type(module).forward(module, x)
     if x2.dtype != compute_dtype:
@@ -297,15 +303,25 @@ def packed_linears_available(model) -> bool:
 
 
 @contextlib.contextmanager
-def packed_linears(model, dtype: torch.dtype | None = None, rows_hint: int = 16) -> Iterator[int]:
+def packed_linears(model, dtype: torch.dtype | None = None, rows_hint: int = 16,
+                   move_frozen: bool = False) -> Iterator[int]:
     """Within the block, each plain ``nn.Linear`` / ``Conv1D`` of ``model`` computes through oneDNN
     with a packed weight (an instance-level ``forward``; the module tree, hooks and the model's
     own forward are untouched). Inference only: packed weights carry no gradient. Yields the
-    number of layers swapped."""
+    number of layers swapped.
+
+    ``move_frozen``: a weight that does not train, is used by this one layer alone (not a head
+    tied to the embeddings) and keeps its dtype is *moved* into its packed form: its dense memory
+    is released for the block (the parameter keeps its shape and dtype, and reads NaN), and on
+    leaving it is rebuilt from the packed form bit for bit (a reorder only moves values). Other
+    weights get a cached packed copy beside them, as without the flag."""
     conv1d = _conv1d_type()
     swapped: list[nn.Module] = []
+    moved: list[tuple[nn.Parameter, Tensor, bool]] = []  # (weight, its packed form, transposed)
+    users = _weight_users(model) if move_frozen else {}
     try:
         with torch.no_grad():
+            file_ranges = _file_backed_ranges() if move_frozen else []
             for mod in model.modules():
                 if "forward" in mod.__dict__:
                     continue  # already swapped (shared module) or patched by someone else
@@ -317,13 +333,98 @@ def packed_linears(model, dtype: torch.dtype | None = None, rows_hint: int = 16)
                     continue
                 if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
                     continue
-                packed = _packed_weight(weight, transpose, dtype or weight.dtype, rows_hint)
-                mod.forward = functools.partial(_packed_forward, mod, packed, out_features)
+                target = dtype or weight.dtype
+                if (move_frozen and not weight.requires_grad and target == weight.dtype and users.get(id(weight)) == 1
+                        and _sole_owner(weight)):
+                    packed = _move_to_packed(weight, transpose, rows_hint, file_ranges)
+                    moved.append((weight, packed, transpose))
+                    mod.forward = functools.partial(_packed_forward, mod, packed, out_features, dense=False)
+                else:
+                    packed = _packed_weight(weight, transpose, target, rows_hint)
+                    mod.forward = functools.partial(_packed_forward, mod, packed, out_features)
                 swapped.append(mod)
+            if moved:
+                _malloc_trim()
         yield len(swapped)
     finally:
         for mod in swapped:
             del mod.forward
+        rebuilt = bool(moved)
+        with torch.no_grad():
+            while moved:  # one packed form freed per weight rebuilt: never both in full
+                weight, packed, transpose = moved.pop()
+                dense = packed.to_dense()  # (out, in)
+                weight.data = dense.t().contiguous() if transpose else dense
+                del packed, dense
+        if rebuilt:
+            _malloc_trim()  # the packed forms' memory
+
+
+def _weight_users(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> how many (module, name) slots hold it (2 for a head tied to the embeddings)."""
+    counts: dict[int, int] = {}
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                counts[id(p)] = counts.get(id(p), 0) + 1
+    return counts
+
+
+def _sole_owner(weight: Tensor) -> bool:
+    """Nothing but ``weight`` holds its memory (no view of it elsewhere), and it is all of it."""
+    storage = weight.untyped_storage()
+    # 2 = the parameter and the ``storage`` object made on the line above
+    return (torch._C._storage_Use_Count(storage._cdata) == 2 and weight.is_contiguous()
+            and storage.nbytes() == weight.numel() * weight.element_size())
+
+
+def _move_to_packed(weight: nn.Parameter, transpose: bool, rows_hint: int, file_ranges) -> Tensor:
+    """The packed form of ``weight``; its dense memory is released (see ``packed_linears``)."""
+    hit = _PACKED.pop(id(weight), None)  # a cached copy of this very version is reused
+    key = (weight._version, weight.data_ptr(), weight.dtype, transpose)
+    if hit is not None and hit[0]() is weight and hit[1] == key:
+        packed = hit[2]
+    else:
+        packed = torch.ops.mkldnn._reorder_linear_weight(
+            (weight.detach().t() if transpose else weight.detach()).contiguous(), rows_hint)
+    start, nbytes = weight.data_ptr(), weight.numel() * weight.element_size()
+    # same shape and dtype, one element of storage: anything that reads it during the block gets NaN
+    weight.data = torch.full((), float("nan"), dtype=weight.dtype).expand(weight.shape)
+    if any(lo <= start and start + nbytes <= hi for lo, hi in file_ranges):
+        _release_pages(start, nbytes)
+    return packed
+
+
+def _file_backed_ranges() -> list[tuple[int, int]]:
+    """[start, end) of this process's memory mapped from files (Linux), e.g. safetensors weights
+    that ``from_pretrained`` maps rather than copies. Empty elsewhere."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/"):
+                    lo, hi = fields[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        pass
+    return ranges
+
+
+def _release_pages(start: int, nbytes: int) -> None:
+    """Drop the whole pages of [start, start + nbytes) from a private file mapping whose tensor is
+    gone (``MADV_DONTNEED``): the mapping stays, for the weights beside it, but these pages stop
+    counting as the process's memory. A page shared with a neighbouring tensor is kept."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, (start + nbytes) // page * page
+    if hi > lo:
+        try:
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+        except (OSError, AttributeError):
+            pass
 
 
 def release_packed(model: nn.Module) -> int:
@@ -806,8 +907,8 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
     if config.bf16 and not packed_linears_available(model):
         raise ValueError("bf16=True is a CPU option (oneDNN bf16 linears); on GPU load the model in bf16 instead")
     use_packed = config.bf16 or (config.packed_linears and packed_linears_available(model) and not _sharded(model))
-    pack = (packed_linears(model, torch.bfloat16 if config.bf16 else None, rows_hint=min(size, 64))
-            if use_packed else contextlib.nullcontext())
+    pack = (packed_linears(model, torch.bfloat16 if config.bf16 else None, rows_hint=min(size, 64),
+                           move_frozen=config.move_frozen) if use_packed else contextlib.nullcontext())
     was_training = model.training
     model.eval()
     outputs = []
