@@ -156,8 +156,21 @@ def cmd_dpf(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The README's main job: PPO on SmolLM2 for positive movie reviews."""
-    run_recipe("ppo_sentiment", overrides=args.overrides)
+    """The README's main job: PPO on SmolLM2 for positive movie reviews. It runs again as it is:
+    when ``runs/ppo_sentiment`` holds an earlier run (and no ``run.name``/``run.out_dir`` is
+    given), the new run goes to ``runs/ppo_sentiment-<date>-<time>``."""
+    import time
+
+    overrides = list(args.overrides)
+    recipe = read_yaml(resolve_recipe("ppo_sentiment"))
+    run = recipe.get("run", {})
+    default_dir = Path(run.get("out_dir", "runs")) / run.get("name", "ppo_sentiment")
+    if (not any(o.split("=", 1)[0] in ("run.name", "run.out_dir") for o in overrides)
+            and default_dir.is_dir() and any(default_dir.iterdir())):
+        name = f"{default_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"{default_dir} holds an earlier run: this one goes to {default_dir.parent / name}")
+        overrides.append(f"run.name={name}")
+    run_recipe(recipe, overrides=overrides)
     return 0
 
 

@@ -42,3 +42,21 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert "Did you mean 'lr'" in capsys.readouterr().err
     assert main(["train", "no_such_recipe"]) == 2
     assert "Shipped recipes:" in capsys.readouterr().err
+
+
+def test_demo_runs_again_into_a_new_directory(tmp_path, monkeypatch):
+    """`make demo` twice: the second run does not stop at the first one's directory."""
+    from ankus import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "run_recipe", lambda recipe, overrides=(): calls.append(list(overrides)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo"]) == 0  # no earlier run: the recipe's own directory
+    assert calls[-1] == []
+    (tmp_path / "runs" / "ppo_sentiment").mkdir(parents=True)
+    (tmp_path / "runs" / "ppo_sentiment" / "metrics.jsonl").write_text("{}\n")
+    assert main(["demo", "trainer.total_steps=1"]) == 0
+    name = [o for o in calls[-1] if o.startswith("run.name=ppo_sentiment-")]
+    assert len(name) == 1 and calls[-1][0] == "trainer.total_steps=1"
+    assert main(["demo", "run.name=mine"]) == 0  # a name the user gave is kept
+    assert calls[-1] == ["run.name=mine"]

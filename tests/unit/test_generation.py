@@ -437,3 +437,26 @@ def test_moving_a_memory_mapped_weight_releases_its_pages(tmp_path):
     with torch.no_grad():
         model(x)
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+def test_a_lora_models_frozen_base_moves_and_samples_alike():
+    """Under LoRA every base weight is frozen and moves; the adapters (trainable) do not."""
+    from ankus.models.reference import apply_lora
+
+    model, tok = load_model("tiny-llama", seed=7)
+    model = apply_lora(model, r=4)
+    with torch.no_grad():  # adapters that change the output (B starts at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad(), packed_linears(model, move_frozen=True):
+        moved = {n for n, p in model.named_parameters() if p.untyped_storage().nbytes() == p.element_size()}
+    bases = {n for n, p in model.named_parameters() if "base_layer.weight" in n}
+    assert moved == bases and bases
+    cfg = dict(max_new_tokens=6, do_sample=True, temperature=1.0)
+    out = {move: generate(model, tok, PROMPTS, GenerationConfig(move_frozen=move, **cfg),
+                          generator=torch.Generator().manual_seed(2)) for move in (False, True)}
+    assert torch.equal(out[True].response_ids, out[False].response_ids)
+    assert torch.equal(out[True].logprobs, out[False].logprobs)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
