@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 import ankus
 from ankus import load_model
-from ankus.models.prefix import head_is_plain, shared_prompt_hidden
+from ankus.models.prefix import head_is_plain, shared_prompt_hidden, shared_prompt_states
 from ankus.models.reference import make_reference
 from ankus.trainers.ppo import policy_forward
 
@@ -120,4 +120,49 @@ def test_grpo_with_and_without_shared_prompts_train_alike(tmp_path):
     assert diff < 1e-4, diff
     for a, b in zip(*rows):
         for key in ("reward/mean", "kl/mean", "loss/pg", "loss/kl", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt-neox", "tiny-gpt2"])
+def test_shared_prompt_states_rebuild_the_whole_rows_state_at_the_split(spec):
+    """Hydra's input: the rows' hidden state entering the split layer, each prompt run once; the
+    branch's reference log-probs from it equal those from the whole-row forward."""
+    model, _ = load_model(spec, seed=3)
+    model.eval()
+    ref = make_reference(model, mode="hydra", num_layers_unfrozen=1)
+    p, pm, resp, rmask = _batch()
+    ids, am = torch.cat([p, resp], 1), torch.cat([pm, rmask], 1)
+    N, live = resp.shape[1], torch.cat([pm, rmask], 1).bool()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0),
+                    output_hidden_states=True)
+        final, at_split = shared_prompt_states(model, p, pm, resp, rmask, ref.hidden_index)
+        assert at_split.shape == out.hidden_states[ref.hidden_index].shape
+        assert torch.allclose(at_split[live], out.hidden_states[ref.hidden_index][live], atol=1e-5)
+        assert torch.allclose(final[rmask.bool()], out.hidden_states[-1][:, -N - 1:-1][rmask.bool()], atol=1e-5)
+        expected = ref.logps(ids, am, out.hidden_states[ref.hidden_index], N)
+        got = ref.logps(ids, am, at_split, N)
+    assert torch.allclose(got[rmask.bool()], expected[rmask.bool()], atol=1e-5)
+
+
+def test_hydra_ppo_with_and_without_shared_prompts_trains_alike(tmp_path, monkeypatch):
+    from test_ppo_trainer import _recipe, length_reward
+
+    from ankus.trainers import ppo
+
+    calls = []
+    monkeypatch.setattr(ppo, "shared_prompt_states", lambda *a: calls.append(1) or shared_prompt_states(*a))
+    ends, rows = [], []
+    for share in (True, False):
+        method = {"estimator": "gae", "samples_per_prompt": 4, "reference": "hydra", "num_layers_unfrozen": 1,
+                  "init_kl_coef": 0.1, "share_prompts": share}
+        ankus.train(_recipe(tmp_path / str(share), method=method), reward_fn=length_reward)
+        ends.append(AutoModelForCausalLM.from_pretrained(tmp_path / str(share) / "r" / "model").state_dict())
+        rows.append([__import__("json").loads(x) for x in (tmp_path / str(share) / "r" / "metrics.jsonl").open()])
+        assert bool(calls) == share  # the shared scoring forward ran in the first run only
+        calls.clear()
+    diff = max(float((ends[0][n] - ends[1][n]).abs().max()) for n in ends[0])
+    assert diff < 1e-4, diff
+    for a, b in zip(*rows):
+        for key in ("reward/mean", "kl/mean", "loss/pg", "loss/vf", "grad_norm"):
             assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])

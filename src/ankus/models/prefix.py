@@ -23,7 +23,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-__all__ = ["shared_prompt_hidden", "head_is_plain"]
+__all__ = ["shared_prompt_hidden", "shared_prompt_states", "head_is_plain"]
 
 
 def shared_prompt_hidden(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
@@ -56,6 +56,32 @@ def shared_prompt_hidden(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tens
                  position_ids=position_ids_from_mask(mask)[:, P:-1], cache=cache, use_cache=True,
                  output_hidden_states=True, logits_to_keep=1)
     return torch.cat([last[inverse], rest.hidden_states[-1]], 1)  # (B, 1 + N - 1, H)
+
+
+def shared_prompt_states(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                         response_mask: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+    """:func:`shared_prompt_hidden`'s final states (B, N, H), and the hidden state entering decoder
+    layer ``layer`` over the whole rows, (B, P + N, H): what ``hidden_states[layer]`` of the
+    forward over ``[prompt, response]`` rows holds, with each distinct prompt run once. For
+    PPO's Hydra, whose reference branch and cached trunk start from that state."""
+    from transformers import DynamicCache
+
+    from ankus.models.reference import position_ids_from_mask
+
+    P = prompt_ids.shape[1]
+    distinct, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
+    u_ids, u_mask = distinct[:, :P], distinct[:, P:]  # (U, P)
+    cache = DynamicCache(config=model.config)
+    first = model(input_ids=u_ids, attention_mask=u_mask, position_ids=position_ids_from_mask(u_mask), cache=cache,
+                  use_cache=True, output_hidden_states=True, logits_to_keep=1)
+    cache.batch_select_indices(inverse)  # (U, heads, P, d) -> (B, ...) in every layer
+    mask = torch.cat([prompt_mask, response_mask], 1)  # (B, P + N)
+    # every response token runs (the last one too): its state at ``layer`` completes the row
+    rest = model(input_ids=response_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)[:, P:],
+                 cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+    final = torch.cat([first.hidden_states[-1][:, -1:][inverse], rest.hidden_states[-1][:, :-1]], 1)  # (B, N, H)
+    at_layer = torch.cat([first.hidden_states[layer][inverse], rest.hidden_states[layer]], 1)  # (B, P + N, H)
+    return final, at_layer
 
 
 _PLAIN: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()

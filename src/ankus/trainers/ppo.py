@@ -6,7 +6,8 @@ One iteration:
   2. one no-grad forward gives the behaviour log-probs, values and the reference log-probs
      (Hydra branch, LoRA-disabled model, or a frozen copy); with k samples per prompt each
      distinct prompt runs once, its KV cache shared by its k responses (``method.share_prompts``,
-     ankus.models.prefix; also in the update's forward); when nothing reads the behaviour
+     ankus.models.prefix; also in the update's forward, except under Hydra, whose top blocks
+     run over whole rows from the cached state at the split); when nothing reads the behaviour
      log-probs before the one and only update (GRPO, one epoch, one minibatch) they are taken from
      that update's forward instead (``method.reuse_update_forward``);
   3. rewards = clipped score at the last response token − β·(logp − logp_ref) per token;
@@ -46,7 +47,7 @@ from ankus.losses.ppo import (head_logprobs, logprobs_from_logits, policy_loss, 
                               value_loss)
 from ankus.models.heads import ValueHead, output_head_bypassed
 from ankus.models.loading import load_model
-from ankus.models.prefix import head_is_plain, shared_prompt_hidden
+from ankus.models.prefix import head_is_plain, shared_prompt_hidden, shared_prompt_states
 from ankus.models.reference import make_reference, position_ids_from_mask
 from ankus.rewards import RewardError, check_rewards, get_reward_fn
 from ankus.rl.estimators import grpo_advantages, rloo_advantages, sequence_to_token_advantages
@@ -106,8 +107,9 @@ class PPOMethod:
     (same numbers; false = recompute, less memory)."""
     share_prompts: bool = True
     """Run each distinct prompt once per forward, its keys and values shared by its k responses
-    (samples_per_prompt > 1; reference lora or copy): the same numbers up to float rounding, and
-    ~1.7x less work at k=4 (ankus.models.prefix). false = every row runs its whole prompt."""
+    (samples_per_prompt > 1): the same numbers up to float rounding, and ~1.7x less work at k=4
+    (ankus.models.prefix). Under Hydra the scoring forward shares prompts and the update's top
+    blocks run over whole rows from the trunk cache. false = every row runs its whole prompt."""
     reuse_update_forward: bool = True
     """GRPO with ppo_epochs 1 and one minibatch (each rollout batch gets one optimizer step, TRL's
     num_iterations=1), reference lora/copy: the behaviour log-probs equal the update's own forward,
@@ -423,10 +425,11 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
     reuse_forward = (m.reuse_update_forward and m.estimator == "grpo" and m.ppo_epochs == 1
                      and m.num_rollouts <= tc.batch_size and reference.hidden_index is None
                      and not _has_dropout(policy))
-    # each prompt once per forward: k responses per prompt, no Hydra branch (it reads the policy's
-    # full-sequence hidden states), and logits that are the output head's alone (checked once)
-    shared = (m.share_prompts and m.samples_per_prompt > 1 and reference.hidden_index is None
-              and head_is_plain(policy))
+    # each prompt once per forward: k responses per prompt, and logits that are the output head's
+    # alone (checked once). Under Hydra the scoring forward shares prompts and rebuilds the whole
+    # rows' state at the split for the branch and the trunk cache; the update runs the top blocks
+    # from that cache over whole rows
+    shared = m.share_prompts and m.samples_per_prompt > 1 and head_is_plain(policy)
     hidden_size = model.config.get_text_config().hidden_size
     value_head = ValueHead(hidden_size).to(device) if m.estimator == "gae" else None
     if value_head is not None:
@@ -657,13 +660,25 @@ def _score_rollouts(policy, value_head, reference, input_ids, attn, response_ids
         P = input_ids.shape[1] - n_resp
         for s in range(0, input_ids.shape[0], chunk_size):
             ids, am, resp = input_ids[s:s + chunk_size], attn[s:s + chunk_size], response_ids[s:s + chunk_size]
+            if reference.hidden_index is not None:  # Hydra: the branch starts from the rows' state at the split
+                final, at_split = shared_prompt_states(policy, ids[:, :P], am[:, :P], resp, am[:, P:],
+                                                       reference.hidden_index)  # (b, N, H), (b, P + N, H)
+                logps.append(head_logprobs(final, policy.get_output_embeddings(), resp)[0])
+                values.append(value_head(final) if value_head is not None else torch.zeros_like(resp, dtype=torch.float32))
+                # the branch makes (rows, N + 1, V) logits: at most ``chunk`` rows at a time
+                ref_logps.extend(reference.logps(ids[r:r + chunk], am[r:r + chunk], at_split[r:r + chunk], n_resp)
+                                 for r in range(0, ids.shape[0], chunk))
+                if keep_hidden:
+                    hiddens.append(at_split)
+                continue
             if behaviour:
                 lp, _, v = _shared_forward(policy, value_head, ids, am, resp, n_resp)
                 logps.append(lp)
                 values.append(v if v is not None else torch.zeros_like(resp, dtype=torch.float32))
             ref_logps.append(reference.shared_prompt_logps(ids[:, :P], am[:, :P], resp, am[:, P:]))
-        return (torch.cat(logps) if behaviour else None, (torch.cat(values) if value_head is not None else None),
-                torch.cat(ref_logps))
+        out = (torch.cat(logps) if behaviour else None, (torch.cat(values) if value_head is not None else None),
+               torch.cat(ref_logps))
+        return (*out, torch.cat(hiddens)) if keep_hidden else out
     for s in range(0, input_ids.shape[0], chunk):
         ids, am, resp = input_ids[s:s + chunk], attn[s:s + chunk], response_ids[s:s + chunk]
         hidden = None
@@ -714,7 +729,7 @@ def _ppo_step(policy, value_head, opt, params, cfg: Config, beta, guard: NonFini
             return trunk.forward(value_head, hidden, am, n_resp)
         return policy_forward(policy, value_head, ids, am, n_resp)[:2]
 
-    if shared:  # each distinct prompt once (k responses per prompt)
+    if shared and not (trunk is not None and hidden is not None):  # each distinct prompt once (k per prompt)
         logps, entropy, values = _shared_forward(policy, value_head, ids, am, resp, n_resp)
     else:
         logps, entropy, values = _response_logprobs(policy, forward, resp)  # (b, N) each; entropy without grad
