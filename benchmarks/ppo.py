@@ -194,7 +194,9 @@ s/iter with it, 2.09x), so the throughput figures above come from runs without i
 Both configurations hold ~250 MB less; sampling ~370 MB less. Under glibc's default malloc the
 peak moves to the update, where freed blocks the heap keeps set it, and it does not fall: Hydra
 1734 MB before vs 1835 and 1883 MB after (the 1883 before rebuilt weights got pages of their own),
-the copy 2413 vs 2632 and 2502 MB.
+the copy 2413 vs 2632 and 2502 MB. On the 360M shape below, Hydra under the default malloc peaked
+at 3724 MB before and 3695 MB after (14:10 UTC), ~1.1 GB above its steady figure: glibc's caching
+of freed blocks, not the trainer's tensors, sets the default-malloc peak at both sizes.
 
 Why 0.7x of the whole process is out of reach at this size: the process holds 387 MB before it
 reads a weight (Python, torch, transformers, the tokenizer: ``rss_loaded``), and both

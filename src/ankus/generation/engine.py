@@ -338,6 +338,7 @@ def packed_linears(model, dtype: torch.dtype | None = None, rows_hint: int = 16,
                         and _sole_owner(weight)):
                     packed = _move_to_packed(weight, transpose, rows_hint, file_ranges)
                     moved.append((weight, packed, transpose))
+                    _malloc_trim()  # the reorder's freed temporaries, before the next weight's
                     mod.forward = functools.partial(_packed_forward, mod, packed, out_features, dense=False)
                 else:
                     packed = _packed_weight(weight, transpose, target, rows_hint)
@@ -356,6 +357,7 @@ def packed_linears(model, dtype: torch.dtype | None = None, rows_hint: int = 16,
                 dense = packed.to_dense()  # (out, in)
                 weight.data = _mapped_empty(weight.shape, weight.dtype).copy_(dense.t() if transpose else dense)
                 del packed, dense
+                _malloc_trim()
         if rebuilt:
             _malloc_trim()  # the packed forms' memory
 
