@@ -102,7 +102,7 @@ def teacher_forced_check(model, tokenizer, new_tokens: int = 32, batch: int = 8,
     Prompts of different lengths (left padding) and a decode path that wrote keys/values at the
     wrong place or read a stale mask would show up as a large gap; a correct one differs by
     rounding only."""
-    from ankus.models.reference import position_ids_from_mask
+    from ankus.data.tokens import position_ids_from_mask
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(100, 40000, (batch, 32), generator=g).tolist()

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from ankus.runs import atomic_write_dir
+from ankus.atomic import atomic_write_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -284,11 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from ankus.data.io import DataError
     from ankus.models.loading import ModelLoadError
 
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError, FileExistsError) as e:
+    except (ConfigError, DataError, ModelLoadError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

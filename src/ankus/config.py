@@ -232,7 +232,14 @@ class TrainerConfig:
     total_steps: int = 100
     """Optimizer steps (or outer iterations, for PPO) to run."""
     warmup_steps: int = 0
-    """Linear LR warm-up steps."""
+    """Linear LR warm-up steps (from lr/warmup_steps up to lr)."""
+    lr_schedule: typing.Literal["constant", "cosine", "wsd"] = "constant"
+    """LR after warm-up (ankus.optim): constant; cosine decay to min_lr_ratio x lr at total_steps;
+    wsd = warmup-stable-decay, constant until the last decay_steps, then linear to min_lr_ratio x lr."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of lr (cosine, wsd)."""
+    decay_steps: int = 0
+    """wsd: length of the final decay; 0 = the last 20% of total_steps."""
     seed: int = 0
     """Seed for data order, sampling and initialisation."""
     log_every: int = 1
@@ -259,3 +266,17 @@ class RunConfig:
     """Save the final model in Hugging Face format under <run>/model."""
     progress: bool = True
     """Show progress bars."""
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    enabled: bool = False
+    """Train LoRA adapters instead of the weights they adapt (the saved model has them merged)."""
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA alpha (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target: list[str] = dataclasses.field(default_factory=list)
+    """Module names to adapt; empty = every linear layer but the output head."""

@@ -421,16 +421,6 @@ def use_fsdp(requested: bool) -> bool:
     return (requested or _env_flag("ACCELERATE_USE_FSDP")) and dist.is_available() and dist.is_initialized()
 
 
-def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder blocks: the ModuleList with ``num_hidden_layers`` entries (Llama's
-    ``model.layers``, GPT-2's ``transformer.h``, GPT-NeoX's ``gpt_neox.layers``, ...)."""
-    n = model.config.get_text_config().num_hidden_layers
-    for _, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n:
-            return list(mod)
-    raise RuntimeError(f"{type(model).__name__}: found no list of {n} decoder layers to shard")
-
-
 def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
     """Shard ``model`` in place over all processes with FSDP2 (``fully_shard``): each decoder layer
     is one unit (its parameters are gathered for its forward and backward only), the rest
@@ -442,7 +432,9 @@ def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
 
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (_STATE.world_size,))
-    for layer in _decoder_layers(model):
+    from ankus.models.layers import decoder_layers
+
+    for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     for mod in model.modules():

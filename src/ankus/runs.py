@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from ankus.atomic import atomic_write_dir
 from ankus.config import RunConfig, save_yaml
 
 
@@ -114,27 +115,6 @@ def plot_metrics(run_dir: str | Path, keys: Iterable[str], out: str = "metrics.p
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def atomic_write_dir(final: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)``, then rename ``tmp_dir`` onto ``final`` (replacing an older one)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)
-    try:
-        write(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 def save_hf_model(model, tokenizer, path: str | Path) -> Path:

@@ -171,12 +171,13 @@ def test_precomputed_reference_equals_live_frozen_copy(tiny, pairs):
 
 
 def test_lora_reference_is_the_model_with_adapters_disabled(tiny, pairs):
-    from ankus.models.reference import apply_lora
+    from ankus.config import LoRAConfig
+    from ankus.models.lora import apply_lora
 
     base = copy.deepcopy(tiny[0])
     with torch.no_grad():
         expected = D.packed_logps(base, D.pack_rows(pairs[:4], 2))
-    peft = apply_lora(copy.deepcopy(base), r=4, alpha=8)
+    peft = apply_lora(copy.deepcopy(base), LoRAConfig(True, r=4, alpha=8))
     with torch.no_grad():  # move the adapters away from their zero init
         for name, p in peft.named_parameters():
             if "lora_B" in name:

@@ -441,10 +441,11 @@ def test_moving_a_memory_mapped_weight_releases_its_pages(tmp_path):
 
 def test_a_lora_models_frozen_base_moves_and_samples_alike():
     """Under LoRA every base weight is frozen and moves; the adapters (trainable) do not."""
-    from ankus.models.reference import apply_lora
+    from ankus.config import LoRAConfig
+    from ankus.models.lora import apply_lora
 
     model, tok = load_model("tiny-llama", seed=7)
-    model = apply_lora(model, r=4)
+    model = apply_lora(model, LoRAConfig(True, r=4))
     with torch.no_grad():  # adapters that change the output (B starts at zero)
         for name, p in model.named_parameters():
             if "lora_B" in name:

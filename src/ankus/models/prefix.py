@@ -23,6 +23,8 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from ankus.data.tokens import position_ids_from_mask
+
 __all__ = ["shared_prompt_hidden", "shared_prompt_states", "head_is_plain"]
 
 
@@ -34,12 +36,11 @@ def shared_prompt_hidden(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tens
     ``prompt_ids``/``prompt_mask`` (B, P) left-padded, ``response_ids``/``response_mask`` (B, N)
     right-padded, as the generation engine returns them. Equal prompt rows (ids and mask) are run
     once. Positions skip the left padding (``cumsum(mask) - 1``), as in generation and in
-    :func:`ankus.models.reference.position_ids_from_mask`. Positions whose response token is
+    :func:`ankus.data.tokens.position_ids_from_mask`. Positions whose response token is
     padding hold meaningless states. Runs with or without grad.
     """
     from transformers import DynamicCache
 
-    from ankus.models.reference import position_ids_from_mask
 
     P, N = prompt_ids.shape[1], response_ids.shape[1]
     distinct, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
@@ -66,7 +67,6 @@ def shared_prompt_states(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tens
     PPO's Hydra, whose reference branch and cached trunk start from that state."""
     from transformers import DynamicCache
 
-    from ankus.models.reference import position_ids_from_mask
 
     P = prompt_ids.shape[1]
     distinct, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)

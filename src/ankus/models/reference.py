@@ -20,17 +20,15 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor, nn
 
+from ankus.config import LoRAConfig
+from ankus.data.tokens import position_ids_from_mask
 from ankus.losses.ppo import logprobs_from_logits
 from ankus.models.hydra import HydraReference, eval_mode, freeze_for_hydra
+from ankus.models.lora import apply_lora, is_peft
 
-__all__ = ["Reference", "make_reference", "apply_lora", "position_ids_from_mask"]
+__all__ = ["Reference", "make_reference"]
 
 Mode = Literal["hydra", "lora", "copy"]
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions that skip left padding, as HF generation assigns them: (B, T) -> (B, T)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
@@ -127,30 +125,6 @@ def _lora_forward(peft_model: nn.Module) -> Callable[..., Tensor]:
     return run
 
 
-def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-               target_modules: str | list[str] | None = None) -> nn.Module:
-    """Wrap ``model`` in LoRA adapters (peft ``get_peft_model``); returns the ``PeftModel``.
-
-    The base weights are frozen by peft and the adapters' B matrices start at zero, so the
-    wrapped model starts equal to ``model``. ``target_modules=None`` means ``"all-linear"``:
-    every Linear/Conv1D but the output head, which covers Llama's q/k/v/o/gate/up/down,
-    GPT-NeoX's query_key_value/dense/dense_h_to_4h/dense_4h_to_h and GPT-2's c_attn/c_proj/c_fc
-    without a per-architecture table. ``model`` is modified in place (its layers are wrapped).
-    """
-    from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
-
-    # GPT-2's Conv1D stores its weight transposed; saying so up front spares peft's warning.
-    conv1d = any(isinstance(m, Conv1D) for m in model.modules())
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
-                        target_modules=target_modules or "all-linear", fan_in_fan_out=conv1d)
-    return get_peft_model(model, config)
-
-
-def _is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
 def make_reference(model: nn.Module, mode: Mode = "hydra", num_layers_unfrozen: int = 2, *, lora_r: int = 8,
                    lora_alpha: int = 16, lora_dropout: float = 0.0,
                    target_modules: str | list[str] | None = None) -> Reference:
@@ -170,7 +144,9 @@ def make_reference(model: nn.Module, mode: Mode = "hydra", num_layers_unfrozen: 
         hydra = HydraReference(model, num_layers_unfrozen)
         return Reference("hydra", model, hydra.split_index, _hydra_forward(hydra), hydra)
     if mode == "lora":
-        policy = model if _is_peft(model) else apply_lora(model, lora_r, lora_alpha, lora_dropout, target_modules)
+        policy = model if is_peft(model) else apply_lora(
+            model, LoRAConfig(enabled=True, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
+                              target=list(target_modules or [])))
         return Reference("lora", policy, None, _lora_forward(policy), base=policy)
     if mode == "copy":
         freeze_for_hydra(model, num_layers_unfrozen)

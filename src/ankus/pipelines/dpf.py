@@ -47,6 +47,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ankus.data.tokens import pad_id
 from ankus.chat import chat_backend, LocalChat
 from ankus.config import ModelConfig, RunConfig, TrainerConfig
 from ankus.data.assets import PinkElephantPair, pink_elephant_pairs
@@ -401,7 +402,7 @@ def response_nll(model, tokenizer, conversations: Sequence[list[dict]], response
         r_ids = tokenizer(resp, add_special_tokens=False)["input_ids"]
         if r_ids:
             items.append((p_ids, r_ids))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

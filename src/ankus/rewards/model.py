@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ankus.data.tokens import pad_id
 from ankus.data.batching import Batch, Example, make_batch
 from ankus.models.heads import ValueHead
 
@@ -85,7 +86,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu"):
 def score_texts(trunk, head, tok, prompts: Sequence[str], responses: Sequence[str], max_length: int | None = None,
                 batch_size: int = 32) -> list[float]:
     """Raw reward-model scores of (prompt, response) pairs."""
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     examples = [tokenize_response(tok, p, r, max_length) for p, r in zip(prompts, responses)]
     # Batches of similar lengths (sorted), right-padded: no attention across a long packed row,
     # little padding. Scores go back to the input order.
@@ -94,7 +95,7 @@ def score_texts(trunk, head, tok, prompts: Sequence[str], responses: Sequence[st
     device = next(head.parameters()).device
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        batch = make_batch([examples[i] for i in idx], pad_id, "pad", 0)
+        batch = make_batch([examples[i] for i in idx], pad, "pad", 0)
         batch.input_ids, batch.position_ids = batch.input_ids.to(device), batch.position_ids.to(device)
         batch.last_index = batch.last_index.to(device)
         for i, r in zip(idx, sequence_rewards(trunk, head, batch).float().tolist()):

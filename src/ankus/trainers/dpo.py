@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ankus.data.tokens import pad_id as pad_token
 from ankus import distributed
 from ankus.checkpoint import GracefulExit, NonFiniteGuard, latest_checkpoint, load_checkpoint, save_checkpoint
 from ankus.config import ModelConfig, RunConfig, TrainerConfig
@@ -466,7 +467,7 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
         model, tokenizer = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed,
                                       device=distributed.resolve_device(tc.device))
     tok = tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token(tok)
     rows = load_pairs(cfg.data.path)
     pairs = tokenize_pairs(rows, tok, cfg.data.chat_template, cfg.data.max_length, where=cfg.data.path)
     if not pairs:
@@ -474,9 +475,10 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
     if m.disable_dropout:
         _disable_dropout(model)
     if m.lora:
-        from ankus.models.reference import apply_lora
+        from ankus.config import LoRAConfig
+        from ankus.models.lora import apply_lora
 
-        model = apply_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout)
+        model = apply_lora(model, LoRAConfig(True, m.lora_r, m.lora_alpha, m.lora_dropout))
     average = m.loss_type == "ipo"  # IPO's target 1/(2 beta) is on the per-token scale
     packing = m.packing and getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
 

@@ -199,9 +199,10 @@ def _load_lm(mc: ModelConfig):
 def _prepare_trainable(model, method: ILQLMethod):
     """LoRA adapters, or trlX-style top-N unfreezing; returns the model to train."""
     if method.lora_r > 0:
-        from ankus.models.reference import apply_lora
+        from ankus.config import LoRAConfig
+        from ankus.models.lora import apply_lora
 
-        return apply_lora(model, r=method.lora_r, alpha=method.lora_alpha)
+        return apply_lora(model, LoRAConfig(True, method.lora_r, method.lora_alpha))
     from ankus.models.hydra import freeze_for_hydra
 
     freeze_for_hydra(model, method.num_layers_unfrozen)
@@ -593,9 +594,9 @@ def _eval_prompts(data: ILQLData) -> list[str]:
 
         prompts = generate_random_walks(seed=data.walks_seed).prompts
     else:
-        from ankus.trainers.ppo import load_prompts
+        from ankus.data.prompts import load_prompts
 
-        prompts = load_prompts(source, "eval", {}, 0)
+        prompts = load_prompts(source, "eval")
     return prompts[: data.num_eval] if data.num_eval else prompts
 
 

@@ -48,7 +48,9 @@ from ankus.losses.ppo import (head_logprobs, logprobs_from_logits, policy_loss, 
 from ankus.models.heads import ValueHead, output_head_bypassed
 from ankus.models.loading import load_model
 from ankus.models.prefix import head_is_plain, shared_prompt_hidden, shared_prompt_states
-from ankus.models.reference import make_reference, position_ids_from_mask
+from ankus.data.prompts import load_prompts
+from ankus.data.tokens import position_ids_from_mask
+from ankus.models.reference import make_reference
 from ankus.rewards import RewardError, check_rewards, get_reward_fn
 from ankus.rl.estimators import grpo_advantages, rloo_advantages, sequence_to_token_advantages
 from ankus.rl.gae import gae_advantages
@@ -175,25 +177,6 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------
 # prompts and rewards
-
-
-def load_prompts(source: str, split: str, reward_kwargs: dict, seed: int) -> list[str]:
-    from ankus.data.assets import review_openings
-
-    if source == "review_openings":
-        return review_openings(split)
-    if source == "randomwalks":
-        from ankus.rewards.randomwalks import generate_random_walks
-
-        return list(generate_random_walks(seed=reward_kwargs.get("seed", 1000)).prompts)
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"prompt file not found: {source} (or use a built-in: review_openings, randomwalks)")
-    if path.suffix == ".jsonl":
-        from ankus.data.io import read_jsonl
-
-        return [row["prompt"] for row in read_jsonl(path, required=("prompt",))]
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,8 +377,8 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
         reward_fn = get_reward_fn(cfg.reward.name, **cfg.reward.kwargs)
 
     model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed, device=device)
-    train_prompts = load_prompts(cfg.data.prompts, "train", cfg.reward.kwargs, tc.seed)
-    eval_prompts = (load_prompts(cfg.data.eval_prompts, "eval", cfg.reward.kwargs, tc.seed) if cfg.data.eval_prompts
+    train_prompts = load_prompts(cfg.data.prompts, "train", walks_seed=cfg.reward.kwargs.get("seed", 1000))
+    eval_prompts = (load_prompts(cfg.data.eval_prompts, "eval", walks_seed=cfg.reward.kwargs.get("seed", 1000)) if cfg.data.eval_prompts
                     else _default_eval(cfg, train_prompts))[: cfg.data.num_eval]
     if cfg.warm_start.steps:
         from ankus.rewards.randomwalks import generate_random_walks

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from ankus.data.tokens import pad_id as pad_token
 from ankus import distributed
 from ankus.config import ModelConfig, RunConfig, TrainerConfig
 from ankus.data.batching import BatchingMode, Example, make_batch, packing_is_exact
@@ -261,7 +262,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     device = distributed.resolve_device(tc.device)
     trunk, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed, device=device)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token(tok)
     train_rows, eval_rows = load_pairs(d, tc.seed)
     train_pairs = _pair_examples(tok, train_rows, d.max_length)
     eval_pairs = _pair_examples(tok, eval_rows, d.max_length)

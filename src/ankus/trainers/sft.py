@@ -338,9 +338,10 @@ def make_optimizer(params: list[torch.nn.Parameter], tc: TrainerConfig, schedule
 def maybe_apply_lora(model, method) -> torch.nn.Module:
     if not method.lora:
         return model
-    from ankus.models.reference import apply_lora
+    from ankus.config import LoRAConfig
+    from ankus.models.lora import apply_lora
 
-    return apply_lora(model, method.lora_r, method.lora_alpha, method.lora_dropout, list(method.lora_target) or None)
+    return apply_lora(model, LoRAConfig(True, method.lora_r, method.lora_alpha, method.lora_dropout, list(method.lora_target)))
 
 
 def step_batches(lengths: Sequence[int], batch_size: int, mode: BatchingMode, seed: int, epoch: int) -> list[list[int]]:
