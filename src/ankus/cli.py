@@ -23,6 +23,7 @@ TRAINERS: dict[str, str] = {
     "ilql": "ankus.trainers.ilql",
     "dpo": "ankus.trainers.dpo",
     "dpf": "ankus.pipelines.dpf",  # the Direct Principle Feedback pipeline (data, DPO, evaluation)
+    "pretrain": "ankus.trainers.pretrain",
 }
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -126,6 +127,16 @@ def cmd_make_sentiment_dataset(args) -> int:
     return run(args)
 
 
+def cmd_data_corpus(args) -> int:
+    from ankus.data.corpus import build_corpus
+
+    m = build_corpus(args.source, args.out, shard_tokens=args.shard_tokens)
+    skipped = ", ".join(f"{v['count']} {k}" for k, v in m["skipped"].items())
+    print(f"{args.out}: {m['documents']} documents, {m['tokens']} tokens in {len(m['shards'])} shard(s) "
+          f"({m['tokenizer']['name']}); skipped {skipped}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     import os
 
@@ -222,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-prompts", type=int, default=0, help="first N openings only; 0 = all")
     p.set_defaults(func=cmd_make_sentiment_dataset)
+
+    p = sub.add_parser("data", help="data tools: ankus data corpus NAME|DIR --out DIR")
+    data_sub = p.add_subparsers(dest="data_command", metavar="TOOL", required=True)
+    q = data_sub.add_parser("corpus", help="tokenize a pretraining corpus (stdlib, shakespeare, or a directory "
+                            "of .txt files) into shards")
+    q.add_argument("source", help="stdlib, shakespeare, or a directory of .txt files")
+    q.add_argument("--out", required=True, help="corpus directory to write (replaced whole)")
+    q.add_argument("--shard-tokens", type=int, default=1 << 22, help="tokens per shard (documents are not split)")
+    q.set_defaults(func=cmd_data_corpus)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over a model (/v1/chat/completions...)",
                        description="Serve a model over HTTP with OpenAI's API: GET /v1/models, "

