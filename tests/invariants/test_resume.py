@@ -56,3 +56,52 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
     assert "stopped by signal" in out
     ckpts = list((tmp_path / "t" / "checkpoints").iterdir())
     assert len(ckpts) == 1 and (ckpts[0] / "policy.safetensors").exists()
+
+
+def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path):
+    import random
+
+    import pytest
+
+    from ankus.data.corpus import build_corpus
+    from ankus.data.io import DataError
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    rng = random.Random(0)
+    words = "the cat sat on a mat and dog ran far away from home to see what is there".split()
+    for i in range(10):
+        (texts / f"d{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(100 + 20 * i)))
+    build_corpus(str(texts), tmp_path / "corpus")
+    args = ["recipes/pretrain_tiny.yaml", f"data.corpus={tmp_path / 'corpus'}", "trainer.total_steps=6",
+            "trainer.checkpoint_every=2", "trainer.lr_schedule=cosine", "trainer.warmup_steps=2",
+            "data.isolate_documents=true", "run.progress=false", f"run.out_dir={tmp_path}"]
+    assert main(["train", *args, "run.name=straight"]) == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "ankus.cli", "train", *args, "run.name=killed"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "killed" / "checkpoints" / "step-00000002" / "state.json"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), "the run never wrote its first checkpoint"
+    assert not (tmp_path / "killed" / "model").exists(), "the run finished before it was killed"
+
+    # resuming onto another corpus is refused by name
+    build_corpus(str(texts), tmp_path / "other", shard_tokens=50)  # the same texts, other shards: another hash
+    with pytest.raises(DataError, match="another corpus"):
+        from ankus.cli import run_recipe
+
+        run_recipe(args[0], [*args[1:], "run.name=killed", f"data.corpus={tmp_path / 'other'}"], resume=True)
+
+    assert main(["train", *args, "run.name=killed", "--resume"]) == 0
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+    ra, rb = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    assert [r["step"] for r in rb if "loss/train" in r] == list(range(1, 7))  # no gap, no repeat
+    assert [r["loss/train"] for r in ra if "loss/train" in r] == [r["loss/train"] for r in rb if "loss/train" in r]
