@@ -604,3 +604,44 @@ def test_fsdp_is_refused_where_it_is_not_wired(tmp_path):
                           f"run.out_dir={tmp_path}", "trainer.total_steps=1"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "does not shard it" in out.stderr + out.stdout
+
+
+def test_pretrain_two_processes_equal_one_data_parallel_and_fsdp(tmp_path):
+    """Pretraining with 2 processes (data parallel, and FSDP) == 1 process with the global batch.
+    Data parallel uses the fused head loss like the single process; FSDP runs the model's own head,
+    so it is compared with a single process doing the same (method.loss_chunk=0)."""
+    import random
+
+    from ankus.data.corpus import build_corpus
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    rng = random.Random(0)
+    words = "the cat sat on a mat and dog ran far away from home to see what is there".split()
+    for i in range(10):
+        (texts / f"d{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(100 + 20 * i)))
+    build_corpus(str(texts), tmp_path / "corpus")
+    common = ["recipes/pretrain_tiny.yaml", f"data.corpus={tmp_path / 'corpus'}", "trainer.total_steps=4",
+              "trainer.checkpoint_every=2", "data.isolate_documents=true", "method.eval_every=2"]
+    _run_all({
+        "one": _train(tmp_path, 1, *common, "trainer.batch_size=8", "run.name=one"),
+        "two": _train(tmp_path, 2, *common, "trainer.batch_size=4", "run.name=two"),
+        "one_plain": _train(tmp_path, 1, *common, "trainer.batch_size=8", "method.loss_chunk=0", "run.name=one_plain"),
+        "fsdp": _train(tmp_path, 2, *common, "trainer.batch_size=4", "trainer.fsdp=true", "run.name=fsdp"),
+    }, _env(tmp_path), timeout=480)
+    for a, b in (("one", "two"), ("one_plain", "fsdp")):
+        ta = load_file(str(tmp_path / a / "model" / "model.safetensors"))
+        tb = load_file(str(tmp_path / b / "model" / "model.safetensors"))
+        assert set(ta) <= set(tb)  # FSDP's gathered state may name the tied head too
+        diff = max(float((ta[k] - tb[k]).abs().max()) for k in ta)
+        print(f"pretrain {b} vs {a}: max |param diff| {diff:.3g}")
+        assert diff <= TOL
+        assert diff < 1e-2 * _moved_from_init("tiny-llama", ta)
+        ma, mb = read_metrics(tmp_path / a), read_metrics(tmp_path / b)
+        assert [r["step"] for r in ma] == [r["step"] for r in mb]
+        for ra, rb in zip(ma, mb):
+            for key in ("loss/train", "grad_norm", "loss/val"):
+                if key in ra:
+                    assert abs(ra[key] - rb[key]) < 1e-4 * max(1.0, abs(ra[key])), (b, key, ra[key], rb[key])
+    rng_state = torch.load(tmp_path / "two" / "checkpoints" / "step-00000004" / "rng.pt", weights_only=True)
+    assert sorted(rng_state["generators"]) == ["torch_rank0", "torch_rank1"]
