@@ -139,6 +139,21 @@ def test_fused_cross_entropy_equals_the_plain_one():
     assert all(float((x - y).abs().max()) < 1e-10 for x, y in zip(ga, gb))
 
 
+def test_bf16_head_products_stay_close_to_fp32():
+    torch.manual_seed(0)
+    h = torch.randn(40, 32, requires_grad=True)
+    w = (0.1 * torch.randn(300, 32)).requires_grad_()
+    t, rw = torch.randint(0, 300, (40,)), torch.full((40,), 1 / 40)
+    a = linear_cross_entropy(h, w, t, rw, chunk=16)
+    ga = torch.autograd.grad(a, [h, w])
+    b = linear_cross_entropy(h, w, t, rw, chunk=16, matmul_dtype=torch.bfloat16)
+    gb = torch.autograd.grad(b, [h, w])
+    assert 0 < abs(float((a - b).detach())) < 1e-2 * float(a.detach())  # rounded, not equal
+    for x, y in zip(ga, gb):
+        assert x.dtype == y.dtype == torch.float32
+        assert float((x - y).abs().max()) < 2e-2 * float(x.abs().max())
+
+
 def test_scratch_models_parameter_counts():
     from ankus import load_model
     from ankus.models.scratch import parameter_count
@@ -220,3 +235,8 @@ def test_too_small_corpus_and_tokenizer_mismatch_are_named_errors(tmp_path, corp
         run_recipe("pretrain_tiny", [f"data.corpus={tmp_path / 'letters'}", "run.name=b", *common])
     with pytest.raises(DataError, match="data.corpus is empty"):
         run_recipe("pretrain_tiny", ["run.name=c", *common])
+    from ankus.config import ConfigError
+
+    with pytest.raises(ConfigError, match="method.head_dtype=bfloat16 applies to the fused loss only"):
+        run_recipe("pretrain_tiny", [f"data.corpus={corpus_dir}", "method.loss_chunk=0", "method.head_dtype=bfloat16",
+                                     "run.name=d", *common])

@@ -26,14 +26,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ankus import distributed
-from ankus.config import ModelConfig, RunConfig, TrainerConfig
+from ankus.config import ConfigError, ModelConfig, RunConfig, TrainerConfig
 from ankus.data.batching import Batch, packing_is_exact
 from ankus.data.corpus import Corpus, load_corpus, tokenizer_fingerprint, tokenizer_name
 from ankus.data.io import DataError
@@ -67,6 +67,9 @@ class PretrainMethod:
     """Validation loss and perplexity every this many steps; 0 = at the end only."""
     loss_chunk: int = 1024
     """Rows per chunk of the output head's fused cross-entropy; 0 = the model's own head and logits."""
+    head_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Input dtype of the fused loss's output-head products: bfloat16 runs them ~2x faster on CPUs
+    and GPUs with bf16 units (fp32 softmax and sums; weights stay model.dtype). Needs loss_chunk > 0."""
     fused_adamw: bool = True
     """AdamW updating every tensor in one kernel (not under FSDP)."""
 
@@ -157,7 +160,8 @@ def check_tokenizer(corpus: Corpus, tok, spec: str) -> None:
 # the loss
 
 
-def batch_loss(model, batch: Batch, target_weight: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_loss(model, batch: Batch, target_weight: float, chunk: int,
+               head_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum over the batch's targets of target_weight * CE, per-target CE sum (detached))``.
 
     ``chunk`` > 0: the model's forward returns its final hidden states (its head bypassed) and
@@ -176,7 +180,7 @@ def batch_loss(model, batch: Batch, target_weight: float, chunk: int) -> tuple[t
             raise RuntimeError("the fused loss needs an output head without bias; set method.loss_chunk=0")
         t = targets[mask]  # (N,)
         w = torch.full((len(t),), float(target_weight), device=h.device)
-        loss = linear_cross_entropy(h, head.weight, t, w, chunk)
+        loss = linear_cross_entropy(h, head.weight, t, w, chunk, head_dtype)
         return loss, loss.detach() / max(target_weight, 1e-30)
     logits = model(**batch.model_inputs(), use_cache=False).logits[:, :-1]  # (R, L-1, V)
     ce = torch.nn.functional.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
@@ -199,7 +203,8 @@ def evaluate(model, tokens: np.ndarray, starts: np.ndarray, cfg: Config, batch_s
     total, n = 0.0, 0
     for s in range(0, n_rows, batch_size):
         batch = make_rows(tokens, starts, list(range(s, min(s + batch_size, n_rows))), L, d.isolate_documents)
-        _, ce = batch_loss(model, batch, 1.0, cfg.method.loss_chunk)
+        _, ce = batch_loss(model, batch, 1.0, cfg.method.loss_chunk if not distributed.is_sharded(model) else 0,
+                           getattr(torch, cfg.method.head_dtype))
         total += float(ce)
         n += int(batch.loss_mask[:, 1:].sum())
     model.train(was_training)
@@ -238,6 +243,29 @@ def _micro(rows: list[int], grad_accum: int) -> list[list[int]]:
     n = max(1, min(grad_accum, len(rows)))
     size = math.ceil(len(rows) / n)
     return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def _step(model, micro: list[Batch], params, opt, sched, guard, tc: TrainerConfig, loss_opts: tuple,
+          sharded: bool) -> tuple[float, torch.Tensor, float]:
+    """One optimizer step over this process's micro-batches: ``(global token-mean loss, grad norm, lr)``.
+    Each target weighs 1 / (the step's targets over every process), so the gradients summed over
+    micro-batches and processes are those of the token mean over the global batch."""
+    n_targets = distributed.sum_floats(sum(int(mb.loss_mask[:, 1:].sum()) for mb in micro))[0]
+    total = 0.0
+    for mb in micro:
+        loss, ce = batch_loss(model, mb, 1.0 / n_targets, *loss_opts)
+        loss.backward()
+        total += float(ce) / n_targets
+    total = distributed.sum_floats(total)[0]
+    if not sharded:  # FSDP has reduce-scattered (summed) the gradients already
+        distributed.sync_gradients(params)
+    grad_norm = distributed.clip_grad_norm(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else torch.tensor(0.0)
+    if guard.check(total, grad_norm):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    lr = sched.get_last_lr()[0]
+    sched.step()
+    return total, grad_norm, lr
 
 
 def _resume(run_dir: Path, model, opt, sched, corpus: Corpus) -> int:
@@ -284,6 +312,11 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     device = distributed.resolve_device(tc.device)
     sharded = distributed.use_fsdp(tc.fsdp)
     chunk = 0 if sharded else cfg.method.loss_chunk  # under FSDP the head's weight is a shard outside forward
+    if cfg.method.head_dtype != "float32" and chunk == 0:
+        raise ConfigError(f"pretrain: method.head_dtype={cfg.method.head_dtype} applies to the fused loss only, which "
+                          f"{'FSDP does not use' if sharded else 'method.loss_chunk=0 turns off'}; set "
+                          "method.head_dtype=float32")
+    head_dtype = getattr(torch, cfg.method.head_dtype)
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     run_dir = distributed.on_main(create_run_dir, cfg.run, "pretrain", cfg, exist_ok=resume)
@@ -327,22 +360,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             rows = list(distributed.shard(batches[b]))  # this process's block of the global batch
             t0 = time.perf_counter()
             micro = [make_rows(tokens, starts, mb, d.seq_length, d.isolate_documents) for mb in _micro(rows, tc.grad_accum)]
-            n_targets = distributed.sum_floats(sum(int(mb.loss_mask[:, 1:].sum()) for mb in micro))[0]
-            total = 0.0
-            for mb in micro:
-                loss, ce = batch_loss(model, mb, 1.0 / n_targets, chunk)
-                loss.backward()
-                total += float(ce) / n_targets
-            total = distributed.sum_floats(total)[0]
-            if not sharded:  # FSDP has reduce-scattered (summed) the gradients already
-                distributed.sync_gradients(params)
-            grad_norm = (distributed.clip_grad_norm(params, tc.max_grad_norm) if tc.max_grad_norm > 0
-                         else torch.tensor(0.0))
-            if guard.check(total, grad_norm):
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            lr = sched.get_last_lr()[0]
-            sched.step()
+            total, grad_norm, lr = _step(model, micro, params, opt, sched, guard, tc, (chunk, head_dtype), sharded)
             dt = time.perf_counter() - t0
             done = step + 1
             metrics = {"loss/train": total, "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch,
