@@ -210,7 +210,8 @@ class TrunkCache:
     def __init__(self, model, split_index: int):
         from torch import nn
 
-        from ankus.models.hydra import _find_layers, _restructure, _Split, _StandIn
+        from ankus.models.hydra import _restructure, _Split, _StandIn
+        from ankus.models.layers import find_decoder_layers as _find_layers
 
         name, layers = _find_layers(model)
         self.split = _Split()
