@@ -95,7 +95,7 @@ def gguf_to_hf_dir(gguf: Path, name: str | None = None) -> Path:
     cached = ankus_home() / "models" / key
     if (cached / "config.json").exists():
         return cached
-    return atomic_write_dir(cached, lambda tmp: _dequantize_gguf(gguf, tmp), replace=False)
+    return atomic_write_dir(cached, lambda tmp: _dequantize_gguf(gguf, tmp))
 
 
 def default_model_dir() -> Path:
