@@ -189,3 +189,8 @@ def release_compiled() -> int:
     n = len(_COMPILED)
     _COMPILED.clear()
     return n
+
+
+def kept_slots() -> list[tuple[tuple, GraphSlot]]:
+    """The kept slots, least recently used first, as (key, slot) pairs (key: see ``_SLOTS``)."""
+    return list(_SLOTS.items())
