@@ -113,7 +113,7 @@ def test_static_slots_are_kept_and_reused_between_calls(tiny, monkeypatch):
     assert slot.length == 64 and key[2] == len(PROMPTS)
     others = [p[::-1] for p in PROMPTS]  # different tokens, same lengths: the same slot, reset
     out = generate(model, tok, others, cfg)
-    assert list(cuda_graphs._SLOTS.items()) == [(key, slot)]
+    assert list(cuda_graphs._SLOTS.items()) == [(key, slot)] == cuda_graphs.kept_slots()
     assert_same_as_hf(out, hf_greedy(model, tok, others, 10), tok.pad_token_id)
     for n in (1, 2, 3, 5):  # four more batch sizes: the first slot is the least recently used
         generate(model, tok, PROMPTS[:1] * n, cfg)
@@ -519,3 +519,18 @@ def test_probe_without_onednn_names_the_cause(fresh_probe, monkeypatch):
     assert not ok and "without oneDNN" in reason
     model, _ = load_model("tiny-llama", seed=0)
     assert not packing.packed_linears_available(model)
+
+
+def test_release_all_packed_empties_the_cache_and_sampling_packs_again_alike():
+    model, tok = load_model("tiny-llama", seed=7)
+    if not packing.packed_linears_available(model):
+        pytest.skip("no packed oneDNN linears here")
+    cfg = GenerationConfig(max_new_tokens=4, do_sample=True)
+    first = generate(model, tok, PROMPTS, cfg, generator=torch.Generator().manual_seed(3))
+    ids = {id(p) for p in model.parameters()}
+    held = sum(packing._PACKED[k][2] is not None for k in ids & packing._PACKED.keys())
+    assert held > 0
+    assert packing.release_all_packed() >= held and not packing._PACKED
+    again = generate(model, tok, PROMPTS, cfg, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again.response_ids, first.response_ids) and torch.equal(again.logprobs, first.logprobs)
+    assert sum(packing._PACKED[k][2] is not None for k in ids & packing._PACKED.keys()) == held
