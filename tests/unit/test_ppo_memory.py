@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ankus import load_model
-from ankus.generation import engine
+from ankus.generation import engine, packing
 from ankus.losses.ppo import head_logprobs, logprobs_from_logits, rows_per_chunk, token_entropy
 from ankus.models.heads import ValueHead, output_head_bypassed
 from ankus.config import LoRAConfig
@@ -183,16 +183,16 @@ def test_scoring_in_small_row_chunks_gives_the_same_numbers(mode, monkeypatch):
 
 def test_release_packed_drops_the_cache_and_packs_again_alike():
     model, tok = load_model("tiny-llama", seed=5)
-    if not engine.packed_linears_available(model):
+    if not packing.packed_linears_available(model):
         pytest.skip("no oneDNN")
     cfg = engine.GenerationConfig(max_new_tokens=5, packed_linears=True)
     first = engine.generate(model, tok, ["hello", "a b c"], cfg, generator=torch.Generator().manual_seed(0))
     ids = {id(p) for p in model.parameters()}
-    held = [k for k in ids if engine._PACKED.get(k, (None, None, None))[2] is not None]
+    held = [k for k in ids if packing._PACKED.get(k, (None, None, None))[2] is not None]
     assert held
     assert engine.release_packed(model) == len(held)
-    assert all(engine._PACKED[k][2] is None for k in held)
+    assert all(packing._PACKED[k][2] is None for k in held)
     assert engine.release_packed(model) == 0  # nothing left to drop
     again = engine.generate(model, tok, ["hello", "a b c"], cfg, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.response_ids, first.response_ids) and torch.equal(again.logprobs, first.logprobs)
-    assert all(engine._PACKED[k][2] is not None for k in held)  # packed again, in the same entries
+    assert all(packing._PACKED[k][2] is not None for k in held)  # packed again, in the same entries
