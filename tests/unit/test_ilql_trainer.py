@@ -11,11 +11,11 @@ from ankus.config import ModelConfig, RunConfig, TrainerConfig
 from ankus.data.io import DataError
 from ankus.generation.engine import GenerationConfig, generate
 from ankus.losses.ilql import ilql_loss
-from ankus.models.heads import ILQLHeads
+from ankus.models.heads import ILQLHeads, q_at
+from ankus.models.loading import RANDOMWALKS_MODEL, randomwalks_gpt2, randomwalks_tokenizer
 from ankus.trainers import ilql
 from ankus.trainers.ilql import (Config, ILQLData, ILQLEval, ILQLMethod, ilql_collate, ilql_forward, ilql_generate,
-                                 letter_tokenizer, load_ilql, load_samples, randomwalks_gpt2, standardize_returns,
-                                 tokenize_samples, train, train_step)
+                                 load_ilql, load_samples, standardize_returns, tokenize_samples, train, train_step)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def test_standardize_returns_by_hand():
     assert standardize_returns([2.0]) == [0.0]
 
 
-def test_letter_tokenizer_and_tokenize_samples():
-    tok = letter_tokenizer()
+def test_randomwalks_tokenizer_and_tokenize_samples():
+    tok = randomwalks_tokenizer()
     assert len(tok) == 29 and tok.eos_token_id == tok.pad_token_id == 0
     a, d, f = (tok.convert_tokens_to_ids(c) for c in "adf")
     assert (a, d, f) == (3, 6, 8)
@@ -283,7 +283,7 @@ def test_generation_ends_rows_at_eos_and_stop_strings(rw):
 
 def _tiny_cfg(tmp_path, name, **trainer):
     return Config(
-        model=ModelConfig(spec=ilql.RANDOMWALKS_SPEC, seed=5),
+        model=ModelConfig(spec=RANDOMWALKS_MODEL, seed=5),
         trainer=TrainerConfig(lr=1e-3, batch_size=16, total_steps=trainer.pop("total_steps", 6), log_every=1,
                               **trainer),
         method=ILQLMethod(alpha=0.5, steps_for_target_q_sync=2),
@@ -412,7 +412,7 @@ def test_unembedding_q_heads_start_at_zero_share_the_matrix_and_round_trip(rw, t
     a = torch.tensor([[1, 5, 7], [0, 2, 28]])
     q0 = heads.q_heads[0]
     by_hand = torch.einsum("btd,btd->bt", q0.mlp(h), W[a]) + q0.bias[a]
-    torch.testing.assert_close(ilql.q_at(q0, h, a), by_hand)
+    torch.testing.assert_close(q_at(q0, h, a), by_hand)
     torch.testing.assert_close(q0(h).gather(-1, a[..., None])[..., 0], by_hand)
     ilql.save_ilql(model, heads, tok, tmp_path / "m")
     _, _, loaded = load_ilql(tmp_path / "m")

@@ -781,7 +781,8 @@ def _stop_hit(tokenizer, row_tokens: list[int], stop_strings: list[str], window:
     return any(s in text for s in stop_strings)
 
 
-def _cut_text(text: str, stop_strings: list[str]) -> str:
+def cut_text(text: str, stop_strings: list[str]) -> str:
+    """``text`` up to the first occurrence of any stop string (all of it when none occurs)."""
     cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
     return text[:cut] if cut >= 0 else text
 
@@ -865,7 +866,7 @@ def _generate_chunk(model, tokenizer, prompt_ids: list[list[int]], uncond_ids: l
     for r in range(B):
         n = int(response_mask[r].sum())
         text = tokenizer.decode(response[r, :n].tolist(), skip_special_tokens=True)
-        texts.append(_cut_text(text, config.stop_strings) if config.stop_strings else text)
+        texts.append(cut_text(text, config.stop_strings) if config.stop_strings else text)
     return GenerationOutput(ids, mask, response, response_mask, logprobs, texts)
 
 
