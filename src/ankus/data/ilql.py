@@ -18,7 +18,7 @@ from ankus.data.io import DataError, read_jsonl
 from ankus.generation.engine import encode_prompts
 from ankus.models.heads import ILQLHeads, q_at
 
-__all__ = ["read_samples", "standardize_returns", "tokenize_samples", "ilql_collate", "ilql_forward",
+__all__ = ["read_samples", "standardize_returns", "tokenize_samples", "batch_indices", "ilql_collate", "ilql_forward",
            "cache_trunk", "cached_collate", "cached_forward"]
 
 
@@ -77,6 +77,16 @@ def tokenize_samples(tok, prompts: Sequence[str], completions: Sequence[str], *,
         out_p.append(list(p))
         out_c.append(c_ids[: max(1, seq_length - len(p))])
     return out_p, out_c
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> Tensor:
+    """Row indices of the batch for 0-based ``step``: epoch e is a fixed permutation seeded by
+    (seed, e), cut into full batches (the remainder is dropped; it changes from epoch to epoch).
+    Determined by the step alone, so a resumed run sees the same data."""
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return order[pos * batch_size:(pos + 1) * batch_size]
 
 
 def ilql_collate(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],

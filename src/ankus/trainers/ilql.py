@@ -1,34 +1,16 @@
 """ILQL: offline RL from scored samples, as trlX does it (Snell et al. 2022, "Offline RL for
 Natural Language Generation with Implicit Language Q Learning").
 
-Data (:mod:`ankus.data.ilql`): (prompt, completion, reward) samples -- a JSONL file of
-``{prompt, completion, reward}`` rows, or the built-in ``randomwalks`` set (each walk split as
-[first node, the rest], reward = its optimality, trlX's ``examples/randomwalks`` setup). Rewards
-become standardized returns placed on the last action (the EOS appended to each completion).
-
-One step: a forward of the LM gives logits and last-layer hidden states; ILQL heads on those give
-Q (two heads), target Q (Polyak copies) and V; :func:`ankus.losses.ilql.ilql_loss` combines the
-Bellman, expectile, CQL and AWAC terms; after every ``steps_for_target_q_sync`` optimizer steps
-the target heads move toward the online ones by ``alpha``.
-
-With the LM frozen (``num_layers_unfrozen: 0``, no LoRA) the trunk's hidden states and the LM's
-cross-entropy of every sample are computed once (``cache_trunk``) and a step runs the heads
-alone; with ``cql_scale`` 0 too, the Q heads are read at the taken tokens only and a step never
-projects onto the vocabulary. ``q_head: unembedding`` swaps trlX's vocabulary-wide Q heads for
-ones read out through the LM's frozen unembedding (:class:`ankus.models.heads.UnembeddingQHead`).
-
-Evaluation sweeps β of :func:`ankus.generation.ilql.ilql_generate`, which samples from
-``log_softmax(logits) + β·(min_i Q̂_i − V)`` (trlX's min over the *target* heads); β = 0 is
-plain sampling from the LM.
-
-Under several processes (torchrun, accelerate launch) each takes its block of one global batch of
-``trainer.batch_size`` x processes samples; every loss term is a mean over the global batch's
-masked steps, gradients are summed over processes (:mod:`ankus.distributed`), so every replica
-takes the same step and the Polyak sync of the target heads, a function of the (identical)
-online heads, stays identical too. Rank 0 evaluates and writes the run directory.
-
-Every config field is read or refused (:func:`check_config`). Loss math lives in
-ankus.losses.ilql; this file wires data, model, heads, sampler and loss together.
+Samples (:mod:`ankus.data.ilql`): a JSONL file of (prompt, completion, reward) rows or trlX's
+``randomwalks``; rewards become standardized returns on the last action (the appended EOS). A
+step: the LM's logits and hidden states, ILQL heads on those (two Q, their Polyak targets, V),
+:func:`ankus.losses.ilql.ilql_loss`; every ``steps_for_target_q_sync`` steps the targets move
+toward the online heads by ``alpha``. A frozen LM (``num_layers_unfrozen: 0``, no LoRA) runs
+once (``cache_trunk``), then steps run the heads alone. Evaluation sweeps β of
+:func:`ankus.generation.ilql.ilql_generate` (β = 0 is the plain LM). Under several processes each
+takes its block of one global batch; loss terms are means over the global batch and gradients
+are summed, so every replica takes the same step and Polyak sync; rank 0 evaluates and writes.
+Every config field is read or refused (:func:`check_config`).
 """
 
 from __future__ import annotations
@@ -45,18 +27,20 @@ from torch import Tensor
 
 from ankus import distributed
 from ankus.config import ConfigError, LoRAConfig, ModelConfig, RunConfig, TrainerConfig
-from ankus.data.ilql import (cache_trunk, cached_collate, cached_forward, ilql_collate, ilql_forward, read_samples,
-                             standardize_returns, tokenize_samples)
+from ankus.data.ilql import (batch_indices, cache_trunk, cached_collate, cached_forward, ilql_collate, ilql_forward,
+                             read_samples, standardize_returns, tokenize_samples)
 from ankus.data.prompts import load_prompts
 from ankus.data.tokens import pad_id as pad_token
 from ankus.generation.engine import GenerationConfig
 from ankus.generation.ilql import ilql_generate
 from ankus.losses.ilql import ilql_loss
 from ankus.models.heads import ILQLHeads, load_ilql_heads, save_ilql_heads
+from ankus.models.hydra import freeze_for_hydra
+from ankus.models.loading import load_model
+from ankus.models.lora import apply_lora
 
-__all__ = ["ILQLMethod", "ILQLData", "ILQLEval", "Config", "check_config", "train", "train_step",
-           "standardize_returns", "tokenize_samples", "ilql_collate", "ilql_forward", "ilql_generate", "load_samples",
-           "save_ilql", "load_ilql"]
+__all__ = ["ILQLMethod", "ILQLData", "ILQLEval", "Config", "check_config", "train", "train_step", "evaluate",
+           "load_samples", "save_ilql", "load_ilql"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,59 +132,36 @@ class Config:
 
 
 # What ILQL's sampler does not do: each of these generation fields must keep its default.
-_SAMPLER_LACKS = {
-    "guidance_scale": "the sampler has no classifier-free guidance",
-    "negative_prompt": "the sampler has no classifier-free guidance",
-    "packed_linears": "the sampler runs the model's own forward (no packed linear layers)",
-    "move_frozen": "an option of packed linear layers, which the sampler does not use",
-    "bf16": "an option of packed linear layers, which the sampler does not use",
-    "cuda_graph": "the sampler decodes eagerly on a dynamic KV cache (no CUDA graph)",
-    "compile": "an option of the CUDA-graph decode, which the sampler does not use",
-}
+_SAMPLER_LACKS = {**dict.fromkeys(("guidance_scale", "negative_prompt"), "its sampler has no classifier-free guidance"),
+                  **dict.fromkeys(("packed_linears", "move_frozen", "bf16"), "its sampler uses no packed linears"),
+                  **dict.fromkeys(("cuda_graph", "compile"), "its sampler decodes eagerly, no CUDA graph")}
 
 
 def check_config(cfg: Config) -> None:
     """Raise :class:`ConfigError` for a setting ILQL would otherwise ignore (every field of the
     config is either read or refused here) or one out of range."""
-    default = Config()
-    refused = {f"generation.{k}": why for k, why in _SAMPLER_LACKS.items()
-               if getattr(cfg.generation, k) != getattr(default.generation, k)}
+    default, g = Config(), cfg.generation
+    refused = {f"generation.{k}": (getattr(g, k), why) for k, why in _SAMPLER_LACKS.items()
+               if getattr(g, k) != getattr(default.generation, k)}
     if cfg.trainer.fsdp:
-        refused["trainer.fsdp"] = "ILQL trains data parallel (a replica per process); it does not shard"
+        refused["trainer.fsdp"] = (True, "ILQL trains data parallel, a replica per process; it does not shard")
     if cfg.lora.enabled and cfg.method.num_layers_unfrozen != default.method.num_layers_unfrozen:
-        refused["method.num_layers_unfrozen"] = "with lora.enabled the adapters train and the LM stays frozen"
+        refused["method.num_layers_unfrozen"] = (cfg.method.num_layers_unfrozen,
+                                                 "with lora.enabled the adapters train and the LM stays frozen")
     if (cfg.data.walks_seed != default.data.walks_seed
             and "randomwalks" not in (cfg.data.dataset, _eval_source(cfg.data), _scorer_name(cfg))):
-        refused["data.walks_seed"] = "neither the data, the eval prompts nor the scorer is randomwalks"
+        refused["data.walks_seed"] = (cfg.data.walks_seed, "neither data, eval prompts nor scorer is randomwalks")
     if refused:
-        raise ConfigError("; ".join(f"{k} = {_value(cfg, k)!r} is not used by ilql ({why}); leave it at its default"
-                                    for k, why in refused.items()))
+        raise ConfigError("; ".join(f"{k} = {v!r} is not used by ilql ({why}); leave it at its default"
+                                    for k, (v, why) in refused.items()))
     if cfg.method.steps_for_target_q_sync < 1:
         raise ConfigError("method.steps_for_target_q_sync must be >= 1")
-
-
-def _value(cfg: Config, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
-
-
-def _load_lm(mc: ModelConfig):
-    from ankus.models.loading import load_model
-
-    model, tok = load_model(mc.spec, dtype=mc.dtype, seed=mc.seed)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
 
 
 def _prepare_trainable(model, cfg: Config):
     """LoRA adapters, or trlX-style top-N unfreezing; returns the model to train."""
     if cfg.lora.enabled:
-        from ankus.models.lora import apply_lora
-
         return apply_lora(model, cfg.lora)
-    from ankus.models.hydra import freeze_for_hydra
-
     freeze_for_hydra(model, cfg.method.num_layers_unfrozen)
     return model
 
@@ -210,13 +171,6 @@ def load_samples(data: ILQLData) -> tuple[list[str], list[str], list[float]]:
     return read_samples(data.dataset, walks_seed=data.walks_seed)
 
 
-# ---------------------------------------------------------------------------------------------
-# forward, step
-
-
-def _trunk_frozen(model) -> bool:
-    return not any(p.requires_grad for p in model.parameters())
-
 
 def train_step(model, heads: ILQLHeads, batch: dict[str, Tensor], opt: torch.optim.Optimizer, params: list[Tensor],
                method: ILQLMethod, step: int, *, max_grad_norm: float = 1.0, grad_accum: int = 1,
@@ -224,11 +178,10 @@ def train_step(model, heads: ILQLHeads, batch: dict[str, Tensor], opt: torch.opt
     """One optimizer step on ``batch`` (split into ``grad_accum`` micro-batches), then the Polyak
     sync of the target heads when ``step`` (1-based count of optimizer steps) is a multiple of
     ``steps_for_target_q_sync``. Returns float stats; ``skipped`` = 1 when the guard refused.
-
-    Under several processes ``batch`` is this process's block of the global batch: each
-    micro-batch is weighted by its share of the *global* count of masked steps, gradients are
-    summed over processes before clipping, and the returned stats are the global batch's.
-    A :func:`cached_collate` batch (frozen LM) runs the heads alone (``model`` is unused)."""
+    Under several processes ``batch`` is this process's block of the global batch: a micro-batch
+    weighs its share of the *global* count of masked steps, gradients are summed over processes
+    before clipping, and the stats are the global batch's. A ``cached_collate`` batch (frozen LM)
+    runs the heads alone (``model`` is unused)."""
     B = batch["mask"].shape[0]
     n_total = max(distributed.sum_floats(float(batch["mask"].sum()))[0], 1.0)  # masked steps, all processes
     size = max(1, math.ceil(B / grad_accum))
@@ -270,10 +223,6 @@ def train_step(model, heads: ILQLHeads, batch: dict[str, Tensor], opt: torch.opt
     totals["grad_norm"] = float(grad_norm)
     totals["skipped"] = 0.0 if ok else 1.0
     return totals
-
-
-# ---------------------------------------------------------------------------------------------
-# generation
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,10 +275,6 @@ def evaluate(model, heads, tok, prompts: list[str], cfg: Config, betas: Sequence
     return means, rows
 
 
-# ---------------------------------------------------------------------------------------------
-# saving and loading
-
-
 def _make_heads(m: ILQLMethod, hidden_size: int, vocab_size: int, model) -> ILQLHeads:
     if m.q_head not in ("mlp", "unembedding"):
         raise ValueError(f"method.q_head must be 'mlp' or 'unembedding', got {m.q_head!r}")
@@ -349,24 +294,12 @@ def save_ilql(model, heads: ILQLHeads, tok, path: str | Path) -> Path:
 
 def load_ilql(path: str | Path):
     """(model, tokenizer, heads) from a directory written by :func:`save_ilql`."""
-    from ankus.models.loading import load_model
-
     model, tok = load_model(str(path))
     return model, tok, load_ilql_heads(path, model.get_output_embeddings().weight)
 
 
 # ---------------------------------------------------------------------------------------------
 # training
-
-
-def _batches(n: int, batch_size: int, step: int, seed: int) -> Tensor:
-    """Row indices of the batch for 0-based ``step``: epoch e is a fixed permutation seeded by
-    (seed, e), cut into full batches (the remainder is dropped; it changes from epoch to epoch).
-    Determined by the step alone, so a resumed run sees the same data."""
-    per_epoch = max(1, n // batch_size)
-    epoch, pos = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return order[pos * batch_size:(pos + 1) * batch_size]
 
 
 @dataclass
@@ -386,6 +319,9 @@ class _Run:
     scorer: Callable
     base: float | None = None  # the untrained LM's mean eval score
     logger: Any = None
+    frozen: bool = False  # the LM trains no parameter
+    beta0_rows: list[dict] = field(default_factory=list)  # a frozen LM's β = 0 samples, from the base evaluation
+    ses: dict[str, float] = field(default_factory=dict)  # standard error of each β's latest mean
 
     @property
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -402,24 +338,22 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     run = _build(cfg, resume)
     start = _resume(run) if resume else 0
     run.logger = distributed.main_only(lambda: MetricsLogger(run.run_dir / "metrics.jsonl"))
-    frozen = _trunk_frozen(run.policy)
-    evaluation = _Evaluation(run, frozen)
+    run.frozen = not any(p.requires_grad for p in run.policy.parameters())
     if run.base is None:  # the untrained LM (β = 0; the heads are random): the baseline to beat
-        run.base = evaluation(0, [0.0], "base_")[_beta_key(0.0)]
+        run.base = distributed.on_main(_evaluate, run, 0, [0.0], "base_")[_beta_key(0.0)]
     cache = None
-    if frozen:  # the LM never changes: its hidden states are computed once, steps run the heads alone
+    if run.frozen:  # the LM never changes: its hidden states are computed once, steps run the heads alone
         t0 = time.perf_counter()
         p_ids, c_ids, _ = run.samples
         cache = cache_trunk(run.policy, p_ids, c_ids, pad_token(run.tok), dtype=run.heads.v_head[0].weight.dtype)
         if run.ds.is_main:
             print(f"cached the frozen LM's hidden states of {len(cache)} samples in {time.perf_counter() - t0:.0f} s")
-    step, stopped, skipped = _loop(run, start, cache, evaluation)
-    return _finish(run, step, stopped, skipped, evaluation, t_start)
+    step, stopped, skipped = _loop(run, start, cache)
+    return _finish(run, step, stopped, skipped, t_start)
 
 
 def _build(cfg: Config, resume: bool) -> _Run:
-    """The run directory, the LM, the samples, the heads and the optimizer (in this order: the
-    heads' and adapters' initialisation draws from the seeded torch RNG)."""
+    """Run directory, LM, samples, heads, optimizer, in this order (heads and adapters draw their init)."""
     from ankus.optim import make_optimizer
     from ankus.runs import create_run_dir
 
@@ -427,7 +361,9 @@ def _build(cfg: Config, resume: bool) -> _Run:
     torch.manual_seed(cfg.trainer.seed)
     run_dir = distributed.on_main(create_run_dir, cfg.run, "ilql", cfg, exist_ok=resume)
     device = distributed.resolve_device(cfg.trainer.device)
-    model, tok = _load_lm(cfg.model)
+    model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
     model.to(device)
     prompts, completions, rewards = load_samples(cfg.data)
     returns = standardize_returns(rewards) if cfg.method.standardize_returns else list(rewards)
@@ -461,60 +397,38 @@ def _resume(run: _Run) -> int:
     return state["step"]
 
 
-def _checkpoint(run: _Run, step: int) -> None:
-    from ankus.checkpoint import save_checkpoint
-
-    rngs = distributed.rank_rng_states()  # collective: every rank's RNG, saved by rank 0
-    distributed.on_main(save_checkpoint, run.run_dir, step, modules=run.modules, optimizer=run.opt,
-                        scheduler=run.scheduler, generators=rngs, extra={"base": run.base},
-                        keep_last=run.cfg.trainer.keep_last)
-
-
-class _Evaluation:
-    """A run's evaluations: rank 0 samples at each β, scores, logs the means and their standard
-    errors and appends the samples to eval_samples.jsonl; every rank gets the means (the replicas
-    are identical). β = 0 ignores the heads: with a frozen LM its samples (same seed) never
+def _evaluate(run: _Run, step: int, betas: Sequence[float], tag: str) -> dict[str, float]:
+    """Rank 0's evaluation (the replicas are identical; call through ``distributed.on_main``):
+    samples at each β, scored; logs the means and their standard errors and appends the samples
+    to eval_samples.jsonl. β = 0 ignores the heads: with a frozen LM its samples (same seed) never
     change, so the base evaluation's stand for every later β = 0 instead of being sampled again."""
-
-    def __init__(self, run: _Run, frozen: bool):
-        self.run, self.frozen = run, frozen
-        self.beta0_rows: list[dict] = []
-        self.ses: dict[str, float] = {}  # standard error of each β's latest mean
-
-    def __call__(self, step: int, betas: Sequence[float], tag: str) -> dict[str, float]:
-        return distributed.on_main(self._on_main, step, betas, tag)
-
-    def _on_main(self, step: int, betas: Sequence[float], tag: str) -> dict[str, float]:
-        run = self.run
-        reuse = self.frozen and bool(self.beta0_rows)
-        todo = [b for b in betas if not (reuse and b == 0)]
-        run.heads.eval()
-        try:
-            rows = (evaluate(run.policy, run.heads, run.tok, run.eval_prompts, run.cfg, todo, run.scorer)[1]
-                    if todo else [])
-        finally:
-            run.heads.train()
-        if self.frozen and not self.beta0_rows:
-            self.beta0_rows.extend(r for r in rows if r["beta"] == 0)
-        if reuse and len(todo) < len(betas):
-            rows = [dict(r) for r in self.beta0_rows] + rows
-        by_beta = {_beta_key(b): [r["score"] for r in rows if r["beta"] == b] for b in betas}
-        means = {k: sum(v) / len(v) for k, v in by_beta.items()}
-        for k, v in by_beta.items():
-            sd = math.sqrt(sum((x - means[k]) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-            self.ses[k] = sd / math.sqrt(len(v))
-        run.logger.log(step, {**{f"eval/{tag}{k}": v for k, v in means.items()},
-                              **{f"eval_se/{tag}{k}": self.ses[k] for k in means}})
-        with open(run.run_dir / "eval_samples.jsonl", "a", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps({"step": step, "tag": tag, **r}) + "\n")
-        return means
+    reuse = run.frozen and bool(run.beta0_rows)
+    todo = [b for b in betas if not (reuse and b == 0)]
+    run.heads.eval()
+    try:
+        rows = evaluate(run.policy, run.heads, run.tok, run.eval_prompts, run.cfg, todo, run.scorer)[1] if todo else []
+    finally:
+        run.heads.train()
+    if run.frozen and not run.beta0_rows:
+        run.beta0_rows.extend(r for r in rows if r["beta"] == 0)
+    if reuse and len(todo) < len(betas):
+        rows = [dict(r) for r in run.beta0_rows] + rows
+    by_beta = {_beta_key(b): [r["score"] for r in rows if r["beta"] == b] for b in betas}
+    means = {k: sum(v) / len(v) for k, v in by_beta.items()}
+    for k, v in by_beta.items():
+        sd = math.sqrt(sum((x - means[k]) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+        run.ses[k] = sd / math.sqrt(len(v))
+    run.logger.log(step, {**{f"eval/{tag}{k}": v for k, v in means.items()},
+                          **{f"eval_se/{tag}{k}": run.ses[k] for k in means}})
+    with open(run.run_dir / "eval_samples.jsonl", "a", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({"step": step, "tag": tag, **r}) + "\n")
+    return means
 
 
-def _loop(run: _Run, start: int, cache: list[dict[str, Tensor]] | None, evaluation: _Evaluation
-          ) -> tuple[int, bool, int]:
+def _loop(run: _Run, start: int, cache: list[dict[str, Tensor]] | None) -> tuple[int, bool, int]:
     """Optimizer steps ``start + 1 .. total_steps``; returns (last step, stopped early, skipped steps)."""
-    from ankus.checkpoint import GracefulExit, NonFiniteGuard
+    from ankus.checkpoint import GracefulExit, NonFiniteGuard, save_checkpoint
     from tqdm.auto import tqdm
 
     cfg, tc, ds = run.cfg, run.cfg.trainer, run.ds
@@ -531,7 +445,7 @@ def _loop(run: _Run, start: int, cache: list[dict[str, Tensor]] | None, evaluati
         for step0 in bar:
             step = step0 + 1
             # one global batch, the same on every process; this process takes its block
-            idx = distributed.shard(_batches(len(p_ids), global_batch, step0, tc.seed))
+            idx = distributed.shard(batch_indices(len(p_ids), global_batch, step0, tc.seed))
             rets = [returns[i] for i in idx]
             batch = (cached_collate([cache[i] for i in idx], [c_ids[i] for i in idx], rets) if cache is not None
                      else ilql_collate([p_ids[i] for i in idx], [c_ids[i] for i in idx], rets, pad_token(run.tok)))
@@ -546,26 +460,28 @@ def _loop(run: _Run, start: int, cache: list[dict[str, Tensor]] | None, evaluati
                 run.logger.log(step, stats)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", adv=f"{stats['values/advantage']:.3f}")
             if cfg.eval.every and step % cfg.eval.every == 0 and step < tc.total_steps:
-                evaluation(step, cfg.eval.betas, "")
+                distributed.on_main(_evaluate, run, step, cfg.eval.betas, "")
                 run.policy.train()
             last = step == tc.total_steps
             stopping = distributed.any_rank(stop.requested)  # a signal that reached one process stops all
             if (tc.checkpoint_every and step % tc.checkpoint_every == 0 and not last) or stopping:
-                _checkpoint(run, step)
+                rngs = distributed.rank_rng_states()  # collective: every rank's RNG, saved by rank 0
+                distributed.on_main(save_checkpoint, run.run_dir, step, modules=run.modules, optimizer=run.opt,
+                                    scheduler=run.scheduler, generators=rngs, extra={"base": run.base},
+                                    keep_last=tc.keep_last)
             if stopping:
                 stopped = True
                 break
     return step, stopped, guard.skipped
 
 
-def _finish(run: _Run, step: int, stopped: bool, skipped: int, evaluation: _Evaluation, t_start: float
-            ) -> dict[str, Any]:
+def _finish(run: _Run, step: int, stopped: bool, skipped: int, t_start: float) -> dict[str, Any]:
     """The final evaluation, plot, saved model and summary.json; returns the summary."""
     from ankus.runs import plot_metrics
 
-    cfg, ses = run.cfg, evaluation.ses
+    cfg, ses = run.cfg, run.ses
     run.policy.eval()
-    final = {} if stopped else evaluation(step, cfg.eval.betas, "")
+    final = {} if stopped else distributed.on_main(_evaluate, run, step, cfg.eval.betas, "")
     run.logger.close()
     keys = ["loss", "loss/q", "loss/v", "loss/cql", "loss/awac", "values/advantage"]
     keys += [f"eval/{_beta_key(b)}" for b in cfg.eval.betas]
