@@ -171,7 +171,6 @@ def load_samples(data: ILQLData) -> tuple[list[str], list[str], list[float]]:
     return read_samples(data.dataset, walks_seed=data.walks_seed)
 
 
-
 def train_step(model, heads: ILQLHeads, batch: dict[str, Tensor], opt: torch.optim.Optimizer, params: list[Tensor],
                method: ILQLMethod, step: int, *, max_grad_norm: float = 1.0, grad_accum: int = 1,
                scheduler=None, guard=None) -> dict[str, float]:
