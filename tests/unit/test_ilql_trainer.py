@@ -434,6 +434,10 @@ REFUSED = [  # (override, the field the error must name)
     ("generation.cuda_graph=false", "generation.cuda_graph"),
     ("generation.compile=true", "generation.compile"),
     ("trainer.fsdp=true", "trainer.fsdp"),
+    ("lora.r=4", "lora.r"),  # adapter settings without lora.enabled
+    ("lora.alpha=8", "lora.alpha"),
+    ("lora.dropout=0.1", "lora.dropout"),
+    ("lora.target=[c_attn]", "lora.target"),
 ]
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -68,8 +68,7 @@ class ILQLMethod:
     standardize_returns: bool = True
     """Standardize the rewards over the dataset, (r − mean)/std (trlX)."""
     num_layers_unfrozen: int = -1
-    """Top decoder blocks of the LM trained (with the final norm); -1 = all, 0 = LM frozen (heads only).
-    Without LoRA only: with ``lora.enabled`` the adapters train instead."""
+    """Top decoder blocks of the LM trained (and the final norm); -1 = all, 0 = frozen LM; not with LoRA."""
     q_head: str = "mlp"
     """Q heads: 'mlp' (trlX: h → 2h → vocab) or 'unembedding' (h → 2h → d read out through the LM's
     frozen unembedding, zero at init; see ankus.models.heads.UnembeddingQHead)."""
@@ -145,7 +144,10 @@ def check_config(cfg: Config) -> None:
                if getattr(g, k) != getattr(default.generation, k)}
     if cfg.trainer.fsdp:
         refused["trainer.fsdp"] = (True, "ILQL trains data parallel, a replica per process; it does not shard")
-    if cfg.lora.enabled and cfg.method.num_layers_unfrozen != default.method.num_layers_unfrozen:
+    if not cfg.lora.enabled:  # r, alpha, dropout, target only shape adapters
+        refused.update({f"lora.{f.name}": (getattr(cfg.lora, f.name), "lora.enabled is false")
+                        for f in fields(LoRAConfig) if getattr(cfg.lora, f.name) != getattr(default.lora, f.name)})
+    elif cfg.method.num_layers_unfrozen != default.method.num_layers_unfrozen:
         refused["method.num_layers_unfrozen"] = (cfg.method.num_layers_unfrozen,
                                                  "with lora.enabled the adapters train and the LM stays frozen")
     if (cfg.data.walks_seed != default.data.walks_seed
