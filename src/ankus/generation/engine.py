@@ -193,7 +193,8 @@ def _stop_hit(tokenizer, row_tokens: list[int], stop_strings: list[str], window:
     return any(s in text for s in stop_strings)
 
 
-def _cut_text(text: str, stop_strings: list[str]) -> str:
+def cut_text(text: str, stop_strings: list[str]) -> str:
+    """``text`` up to the first occurrence of any stop string (all of it when none occurs)."""
     cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
     return text[:cut] if cut >= 0 else text
 
@@ -280,7 +281,7 @@ def _response_texts(tokenizer, response: Tensor, response_mask: Tensor, stop_str
     for r in range(response.shape[0]):
         n = int(response_mask[r].sum())
         text = tokenizer.decode(response[r, :n].tolist(), skip_special_tokens=True)
-        texts.append(_cut_text(text, stop_strings) if stop_strings else text)
+        texts.append(cut_text(text, stop_strings) if stop_strings else text)
     return texts
 
 
