@@ -629,7 +629,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict[str, Any]:
 
 
 def _config(args) -> Config:
-    from ankus.cli import resolve_recipe
+    from ankus.recipes import resolve_recipe
     from ankus.config import build, read_yaml
 
     data = read_yaml(resolve_recipe(args.recipe)) if args.recipe else {}
@@ -648,7 +648,7 @@ def _backends(cfg: Config, need_lm: bool = True):
 def cli(args) -> int:
     """Dispatch ``ankus dpf STEP``."""
     if args.step == "run":
-        from ankus.cli import run_recipe
+        from ankus.recipes import run_recipe
 
         run_recipe(args.recipe or "dpf_smollm2", overrides=list(args.overrides), resume=args.resume)
         return 0
