@@ -116,11 +116,11 @@ def test_fixed_kl_controller():
 
 def test_response_kl_is_k1_on_response_tokens_only():
     logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.4, -3.0]])
-    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.7, -0.4, -1.0]])
+    ref = torch.tensor([[-1.5, -1.0, -9.0], [-0.7, -0.4, -1.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    # r = [[0.5, -1, 0], [0.5, 0, -2]]; the first row's last position is padding
+    # r = [[0.5, -1, 8.5], [0.5, 0, -2]]; the first row's last position is padding, so 0 there
     kl = response_kl(logps, ref, mask)
-    assert kl.tolist() == pytest.approx([[0.5, -1.0, 0.0], [0.5, 0.0, -2.0]])
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0], [0.5, 0.0, -2.0]]))
     assert kl.sum(1).tolist() == pytest.approx([-0.5, -1.5])
 
 
@@ -128,8 +128,8 @@ def test_rloo_kl_penalised_scores_by_hand():
     scores = torch.tensor([1.0, 0.0])
     kl = torch.tensor([[0.5, -1.0, 0.0], [0.5, 0.0, -2.0]])  # sums -0.5, -1.5
     # R − β·Σ kl with β = 0.1: 1 + 0.05 = 1.05; 0 + 0.15 = 0.15
-    assert kl_penalised_scores(scores, kl, 0.1).tolist() == pytest.approx([1.05, 0.15])
-    assert kl_penalised_scores(scores, kl, 0.0).tolist() == pytest.approx([1.0, 0.0])
+    torch.testing.assert_close(kl_penalised_scores(scores, kl, 0.1), torch.tensor([1.05, 0.15]))
+    torch.testing.assert_close(kl_penalised_scores(scores, kl, 0.0), torch.tensor([1.0, 0.0]))
 
 
 def test_grpo_kl_loss_is_beta_times_the_token_mean_of_k3():
