@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["RandomWalksTask", "generate_random_walks", "shortest_path_lengths", "path_optimality", "spaced_walk",
-           "randomwalk_rows", "walk_is_legal", "randomwalk_eval"]
+           "randomwalk_rows", "walk_is_legal", "randomwalk_eval", "warm_start"]
 
 _LETTERS = string.ascii_lowercase
 _DELIMITERS = "| \t\n"  # "|" separates nodes when a tokenizer needs it (trlX's GPT-2 variant)
@@ -219,3 +219,36 @@ def randomwalk_eval(model, tok, task_kwargs: dict, samples_per_prompt: int, gen,
     return {"legal_fraction": sum(legal) / len(samples),
             "reach_goal_fraction": sum(1 for s, ok in zip(samples, legal) if ok and goal in s) / len(samples),
             "optimality": sum(opt) / len(opt), "_examples": samples[:8]}
+
+
+def warm_start(model, tok, *, steps: int, lr: float, batch_size: int, seed: int, walks_seed: int = 1000,
+               progress: bool = True) -> float:
+    """A short supervised fit of ``model`` on the task's walks (trlX's random-walks model is
+    pretrained on walks; this fits one in a few seconds): ``steps`` AdamW steps on batches drawn
+    by ``random.Random(seed)``, each walk followed by EOS. Returns the last loss."""
+    import random
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from ankus.losses.sft import sft_loss
+
+    walks = generate_random_walks(seed=walks_seed).walks
+    # one token per node: a letter tokenizer takes "bha" as is; SmolLM2's would merge it into "bh"+"a"
+    spaced = len(tok(walks[0], add_special_tokens=False).input_ids) != len(walks[0])
+    texts = [spaced_walk(w) if spaced else w for w in walks]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    rng = random.Random(seed)
+    loss = torch.tensor(float("nan"))
+    for _ in tqdm(range(steps), desc="warm start", disable=not progress):
+        batch = rng.sample(texts, min(batch_size, len(texts)))
+        enc = tok([t + tok.eos_token for t in batch], return_tensors="pt", padding=True, padding_side="right")
+        enc = enc.to(next(model.parameters()).device)
+        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+        loss, _ = sft_loss(logits, enc.input_ids, enc.attention_mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss.detach())
