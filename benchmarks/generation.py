@@ -10,6 +10,9 @@ wall-clock second and per CPU-second, each with its ratio to transformers. Runs 
 between the engines so that load from other processes hits all alike; on a shared machine quote
 the ratios, not the absolute numbers, and check `uptime` first. The warm-up call's time is
 printed as "first call" (on a GPU it includes capturing the CUDA graph, or compiling).
+In CPU mode a header line says which linear layers ankus runs (``cpu_path_info``: oneDNN with
+packed weights, or the model's own when the oneDNN probe fails, with the reason), on which ISA
+and with how many threads; each row names its engine's path, so a fallback cannot pass unseen.
 
 Where the CPU time goes (SmolLM2-135M fp32, batch 16; torch.profiler over 24 decode steps,
 2026-11-26): 74% of the step is the 211 linear layers (oneDNN, packed weights), ~60 ms a step.
@@ -56,7 +59,8 @@ import time
 
 import torch
 
-from ankus.generation.engine import GenerationConfig, generate, release_graphs
+from ankus.generation import cuda_graphs
+from ankus.generation.engine import GenerationConfig, cpu_path_info, generate, release_graphs
 
 # Random-init shapes for the GPU mode (weights do not matter for speed).
 CUDA_MODELS = {
@@ -122,9 +126,7 @@ def teacher_forced_check(model, tokenizer, new_tokens: int = 32, batch: int = 8,
 def graph_replay_time(model, name: str, batch: int, steps: int = 100) -> None:
     """GPU mode: the captured decode step alone (the kept graphs of the last calls), replayed
     up to ``steps`` times: the floor under a step's time, whatever the loop around it costs."""
-    from ankus.generation import engine
-
-    for key, slot in list(engine._SLOTS.items()):
+    for key, slot in cuda_graphs.kept_slots():
         # only this model's graphs: an earlier model's were captured over memory since freed
         if slot.model() is not model or key[2] != batch or not isinstance(slot.graph, torch.cuda.CUDAGraph):
             continue
@@ -152,7 +154,16 @@ def timed(fn, sync) -> tuple[float, float]:
     return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
-def compare(name: str, engines: dict, repeats: int, sync) -> None:
+def describe_cpu_path(info: dict) -> str:
+    """One line from ``cpu_path_info()``: which linear layers ankus runs, why, and on what ISA."""
+    limit = f", limit {info['isa_limit']}" if info["isa_limit"] else ""
+    return (f"ankus linear path: {info['path']} ({info['reason']}); oneDNN ISA: {info['onednn_isa'] or 'unknown'}, "
+            f"matmul {info['onednn_impl'] or 'unknown'}{limit}; ATen ISA: {info['aten_isa']}; "
+            f"torch threads {info['threads']} (interop {info['interop_threads']})")
+
+
+def compare(name: str, engines: dict, repeats: int, sync, paths: dict | None = None) -> None:
+    """``paths``: engine -> the linear path it runs, printed as a column (CPU mode)."""
     first = {}
     for k, fn in engines.items():  # warm-up (one-time costs: packing weights, CUDA context and graphs, allocator)
         sync()
@@ -171,8 +182,9 @@ def compare(name: str, engines: dict, repeats: int, sync) -> None:
     for k in engines:
         w, c = statistics.median(wall[k]), statistics.median(cpu[k])
         spread = f"[{min(wall[k]):.0f}-{max(wall[k]):.0f}]"
-        print(f"{name:<22} {k:<20} {w:8.1f} tok/s {spread:>12}  x{w / base_w:.2f}   |  {c:7.1f} tok/CPU-s  x{c / base_c:.2f}"
-              f"   (first call {first[k]:.2f} s)", flush=True)
+        path = f"  {(paths or {}).get(k, '-'):<18}" if paths else ""
+        print(f"{name:<22} {k:<20}{path} {w:8.1f} tok/s {spread:>12}  x{w / base_w:.2f}   |  {c:7.1f} tok/CPU-s  "
+              f"x{c / base_c:.2f}   (first call {first[k]:.2f} s)", flush=True)
 
 
 def main() -> None:
@@ -199,6 +211,10 @@ def main() -> None:
         new_tokens = args.new_tokens or 48
         print(f"SmolLM2-135M fp32 on CPU, {torch.get_num_threads()} threads, prompts of {args.prompt_tokens} tokens, "
               f"{new_tokens} new tokens, median of {args.repeats}")
+        print(describe_cpu_path(cpu_path_info(model)))
+        paths = {"transformers": "model's own (MKL)", "ankus": cpu_path_info(model)["path"]}
+        if args.bf16:
+            paths["ankus bf16 (opt-in)"] = cpu_path_info(model, GenerationConfig(bf16=True))["path"]
         for b in batch_sizes:
             prompts = make_prompts(tok, b, args.prompt_tokens)
             engines = {
@@ -207,7 +223,7 @@ def main() -> None:
             }
             if args.bf16:
                 engines["ankus bf16 (opt-in)"] = lambda: ankus_generate(model, tok, prompts, new_tokens, bf16=True)
-            compare(f"batch {b}", engines, args.repeats, lambda: None)
+            compare(f"batch {b}", engines, args.repeats, lambda: None, paths)
         return
 
     from transformers import LlamaConfig, LlamaForCausalLM

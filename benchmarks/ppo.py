@@ -324,6 +324,7 @@ def worker_ankus(name: str, args) -> dict:
     from ankus.data.io import write_jsonl
     from ankus.rewards.sentiment import sentiment_reward
     from ankus.runs import MetricsLogger
+    from ankus.rl import rollouts
     from ankus.trainers import ppo
 
     spec = CONFIGS[name]
@@ -334,17 +335,18 @@ def worker_ankus(name: str, args) -> dict:
     # Instrument the trainer from outside (no library change): the RSS once the policy is
     # loaded, the end of the before-training evaluation (the loop starts right after it), the
     # end of each iteration (its metrics row) and the scoring forwards.
-    load_model, evaluate, score = ppo.load_model, ppo.evaluate, ppo._score_rollouts
-    generate, ppo_step, make_reference = ppo.generate, ppo._ppo_step, ppo._make_reference
+    load_model, evaluate, score = ppo.load_model, ppo.evaluate, rollouts.score_rollouts
+    generate, ppo_step, make_reference = rollouts.generate, ppo._ppo_step, ppo.make_reference
     ref_bytes = []
 
-    def make_reference_and_measure(model, method):
-        reference, mode = make_reference(model, method)
+    def make_reference_and_measure(model, *a, **k):
+        reference = make_reference(model, *a, **k)
+        mode = reference.mode
         if mode == "hydra":  # the branch's own (copied) parameters; the rest is shared with the policy
             ref_bytes.append(reference.hydra.num_owned_bytes())
         elif mode == "copy":  # copy.deepcopy of the whole model
             ref_bytes.append(sum(p.numel() * p.element_size() for p in model.parameters()))
-        return reference, mode
+        return reference
     # ru_maxrss (a high-water mark) right after each phase of the first iteration: which phase
     # raises the peak
     phase_peak = {"start": 0, "generate": 0, "score": 0, "train": 0}
@@ -387,10 +389,10 @@ def worker_ankus(name: str, args) -> dict:
             marks["rows"].append(dict(metrics))
             super().log(step, metrics)
 
-    ppo.load_model, ppo.evaluate, ppo._score_rollouts, ppo.MetricsLogger = (
+    ppo.load_model, ppo.evaluate, rollouts.score_rollouts, ppo.MetricsLogger = (
         load_and_mark, evaluate_and_mark, score_and_time, TimedLogger)
-    ppo.generate, ppo._ppo_step = after("generate", generate), after("train", ppo_step)
-    ppo._make_reference = make_reference_and_measure
+    rollouts.generate, ppo._ppo_step = after("generate", generate), after("train", ppo_step)
+    ppo.make_reference = make_reference_and_measure
 
     tmp = Path(tempfile.mkdtemp(prefix="ankus-ppo-bench-"))
     prompts = write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in openings()])

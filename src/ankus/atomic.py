@@ -16,13 +16,10 @@ from typing import Callable
 __all__ = ["atomic_write_dir"]
 
 
-def atomic_write_dir(final: str | Path, write: Callable[[Path], None], *, replace: bool = True) -> Path:
-    """Call ``write(tmp_dir)``, then rename ``tmp_dir`` onto ``final``.
-
-    ``replace=True``: an existing ``final`` is swapped out and deleted (a newer checkpoint or
-    model wins). ``replace=False``: an existing ``final`` is kept and the new copy discarded (a
-    cache that another process filled first; both copies are equal).
-    """
+def atomic_write_dir(final: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)``, then rename ``tmp_dir`` onto ``final``; an existing ``final`` is
+    swapped out and deleted (a newer checkpoint or model wins, and so does a complete cache over
+    a broken one)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
@@ -31,13 +28,11 @@ def atomic_write_dir(final: str | Path, write: Callable[[Path], None], *, replac
         write(tmp)
         if not final.exists():
             os.replace(tmp, final)
-        elif replace:
+        else:
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

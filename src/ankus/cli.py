@@ -1,70 +1,18 @@
 """The ``ankus`` command line: ``models``, ``generate``, ``train``, ``serve``, ``demo``.
 
-Trainers are named in a plain dict from algorithm name to ``module:function``; a trainer module
-exposes ``Config`` (its schema) and ``train(cfg, **kwargs)``. Modules import lazily, so
-``ankus --help`` stays fast.
+Recipes and trainers (``TRAINERS``, ``resolve_recipe``, ``run_recipe``) live in
+:mod:`ankus.recipes`; trainer modules import lazily, so ``ankus --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
-from ankus.config import ConfigError, build, read_yaml
-
-# algorithm name -> trainer module (exposing Config and train)
-TRAINERS: dict[str, str] = {
-    "ppo": "ankus.trainers.ppo",
-    "sft": "ankus.trainers.sft",
-    "reward_model": "ankus.trainers.reward_model",
-    "ilql": "ankus.trainers.ilql",
-    "dpo": "ankus.trainers.dpo",
-    "dpf": "ankus.pipelines.dpf",  # the Direct Principle Feedback pipeline (data, DPO, evaluation)
-    "pretrain": "ankus.trainers.pretrain",
-}
-
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
-
-
-def trainer_module(algorithm: str):
-    if algorithm not in TRAINERS:
-        raise ConfigError(f"unknown algorithm '{algorithm}'; known: {', '.join(TRAINERS)}")
-    try:
-        return importlib.import_module(TRAINERS[algorithm])
-    except ModuleNotFoundError as e:
-        if e.name == TRAINERS[algorithm]:
-            raise ConfigError(f"the '{algorithm}' trainer is not available in this version of ankus") from None
-        raise
-
-
-def resolve_recipe(recipe: str | Path) -> Path:
-    """A recipe path, or a bare name looked up in the shipped recipes/ directory."""
-    path = Path(recipe)
-    if path.exists():
-        return path
-    for candidate in (RECIPES_DIR / recipe, RECIPES_DIR / f"{recipe}.yaml"):
-        if candidate.exists():
-            return candidate
-    shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.exists() else []
-    raise ConfigError(f"recipe not found: {recipe}. Shipped recipes: {', '.join(shipped) or 'none'}")
-
-
-def run_recipe(recipe: str | Path | Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any] = (),
-               resume: bool = False, **kwargs):
-    """Load a recipe (a path, a shipped name, or a dict), apply overrides, and run its trainer."""
-    data = dict(recipe) if isinstance(recipe, Mapping) else read_yaml(resolve_recipe(recipe))
-    algorithm = data.get("algorithm")
-    if not algorithm:
-        raise ConfigError(f"the recipe has no 'algorithm' key; set it to one of: {', '.join(TRAINERS)}")
-    module = trainer_module(algorithm)
-    cfg = build(module.Config, data, overrides)
-    if resume:
-        kwargs["resume"] = True
-    return module.train(cfg, **kwargs)
-
+from ankus.config import ConfigError, read_yaml
+from ankus.recipes import TRAINERS, resolve_recipe, run_recipe, trainer_module  # noqa: F401 (re-exported)
 
 # ---------------------------------------------------------------------------------------------
 # commands

@@ -199,6 +199,16 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def reject_unused(section: Any, names: Sequence[str], trainer: str, why: str, where: str) -> None:
+    """Raise :class:`ConfigError` for the first of ``names`` whose value in ``section`` differs from
+    the section class's default: a setting the ``trainer`` would ignore (``why`` says when).
+    ``where`` is the section's key in the recipe (``data``, ``lora``, ...)."""
+    defaults = type(section)()
+    for name in names:
+        if getattr(section, name) != getattr(defaults, name):
+            raise ConfigError(f"{where}.{name} is not used by the {trainer} trainer {why}; remove it")
+
+
 # ---------------------------------------------------------------------------------------------
 # Sections shared by the trainers' configs. A trainer's config composes these with its own.
 

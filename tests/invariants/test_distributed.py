@@ -338,7 +338,7 @@ def test_ppo_two_processes_equal_one_with_the_global_batch(tmp_path):
 
 def test_sft_two_processes_equal_one_with_the_global_batch(tmp_path):
     # 12 training examples, a global batch of 8: the second step of each epoch has 4 (2 per rank)
-    common = ["method.lora=false", "trainer.total_steps=4", "trainer.lr=1e-3", "method.eval_every=2"]
+    common = ["lora={enabled: false}", "trainer.total_steps=4", "trainer.lr=1e-3", "method.eval_every=2"]
     _run_all({
         "one": _train(tmp_path, 1, "recipes/sft_tiny.yaml", *common, "trainer.batch_size=8", "run.name=one"),
         "two": _train(tmp_path, 2, "recipes/sft_tiny.yaml", *common, "trainer.batch_size=4", "run.name=two"),
@@ -458,7 +458,7 @@ def test_ilql_two_processes_equal_one_with_the_global_batch(tmp_path):
 
 
 def test_sft_fsdp_two_processes_equal_one_plain_process_and_resume(tmp_path):
-    common = ["method.lora=false", "trainer.total_steps=4", "trainer.lr=1e-3", "method.eval_every=2",
+    common = ["lora={enabled: false}", "trainer.total_steps=4", "trainer.lr=1e-3", "method.eval_every=2",
               "trainer.checkpoint_every=2"]
     _run_all({
         "one": _train(tmp_path, 1, "recipes/sft_tiny.yaml", *common, "trainer.batch_size=8", "run.name=one"),

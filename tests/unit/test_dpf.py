@@ -19,6 +19,7 @@ from ankus.data.io import DataError, read_jsonl, write_jsonl
 from ankus.generation.engine import GenerationConfig
 from ankus.models.loading import load_model
 from ankus.pipelines import dpf
+from ankus.rewards.mentions import mentions
 
 CITY = PinkElephantPair(domain="cities", x="New York City", x_aliases=("NYC",), y="Chicago", y_aliases=())
 PHONE = PinkElephantPair(domain="phones", x="Nokia 3310", y="Motorola Razr")
@@ -168,7 +169,12 @@ def test_evaluate_table_and_determinism(tiny):
     for row in table:
         mine = [r for r in responses if r["system"] == row["system"]]
         assert row["n"] == 4 and row["x_rate"] == sum(r["mentions_x"] for r in mine) / 4
-        assert 0 <= row["y_rate"] <= 1 and row["perplexity"] > 1 and math.isfinite(row["perplexity"])
+        for r in mine:  # each response's flags are the detector's verdicts on its own text
+            pair = (CITY, GAME)[r["dialogue"]]
+            assert r["mentions_x"] == mentions(r["response"], pair.x_names)
+            assert r["mentions_y"] == mentions(r["response"], pair.y_names)
+        assert row["y_rate"] == sum(r["mentions_y"] for r in mine) / 4
+        assert row["perplexity"] > 1 and math.isfinite(row["perplexity"])
     # the same seed gives the same responses; the base with and without DPF differ only by model
     again, _ = dpf.evaluate(base, None, dialogues, cfg)
     assert [r["response"] for r in again] == [r["response"] for r in responses if r["system"] != "DPF + principle"]
@@ -185,6 +191,23 @@ def test_recipe_builds_and_unknown_keys_raise():
     assert cfg.revision.guidance_scale == 2.0 and cfg.dpo.beta == 0.1
     with pytest.raises(ConfigError, match="revision.attempt"):
         build(dpf.Config, data, ["revision.attempt=3"])
+
+
+@pytest.mark.parametrize("override,field", [
+    ("trainer.fsdp=true", "trainer.fsdp"), ("trainer.device=cuda", "trainer.device"),
+    ("lm.served_model=big", "lm.served_model"), ("trainer.total_steps=5", None),
+    ("lora.r=4", "lora.r"), ("method=x", None)])
+def test_unused_settings_are_rejected_before_any_work(override, field):
+    data = read_yaml("recipes/dpf_smollm2.yaml")
+    data.pop("algorithm")
+    if override == "method=x":  # a section DPF does not have
+        with pytest.raises(ConfigError, match="unknown key 'method'"):
+            build(dpf.Config, data, [override])
+        return
+    cfg = build(dpf.Config, data, [override] + (["train.epochs=2"] if field is None else []))
+    with pytest.raises(ConfigError, match=rf"{field or 'train.epochs'} is not used by the (dpf|dpo) trainer"):
+        dpf.check_config(cfg)
+    dpf.check_config(build(dpf.Config, data))  # the recipe itself sets nothing that is ignored
 
 
 def test_whole_pipeline_from_user_data_on_a_tiny_model(tmp_path, tiny):

@@ -277,7 +277,7 @@ def test_ipo_first_loss_and_lora_training(tmp_path, tiny):
     data = write_pairs(tmp_path / "p.jsonl")
     model, tok = fresh(tiny).values()
     base = _params(model)
-    out = D.train(cfg_for(tmp_path, data, **{"method.loss_type": "ipo", "method.lora": True, "method.lora_r": 4,
+    out = D.train(cfg_for(tmp_path, data, **{"method.loss_type": "ipo", "lora.enabled": True, "lora.r": 4,
                                               "trainer.total_steps": 2}), model=model, tokenizer=tok)
     # h = 0 at step 0, so the IPO loss is (0 - 1/(2*0.1))^2 = 25
     assert out["loss_first"] == pytest.approx(25.0, abs=1e-4)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 
 from ankus import load_model
-from ankus.generation import engine
+from ankus.generation import cpu_path_info, cuda_graphs, engine, kv_cache, onednn, packing, sampling
 from ankus.generation.engine import (
     GenerationConfig,
     encode_prompts,
@@ -75,13 +76,13 @@ def test_repeated_prompts_share_one_prefill(tiny, monkeypatch):
     reports are those of a teacher-forced forward over prompt + response."""
     model, tok = tiny["tiny-llama"]
     prefilled = []
-    real = engine._prefill
+    real = kv_cache.prefill
 
     def counting(m, ids, *args, **kwargs):
         prefilled.append(ids.shape[0])
         return real(m, ids, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "_prefill", counting)
+    monkeypatch.setattr(kv_cache, "prefill", counting)
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[0]]
     out = generate(model, tok, prompts, GenerationConfig(max_new_tokens=8, do_sample=False))
     assert prefilled == [3]  # three distinct prompts for six rows
@@ -105,19 +106,19 @@ def test_static_slots_are_kept_and_reused_between_calls(tiny, monkeypatch):
     prompts in it still decode exactly, and a fifth shape evicts the least recently used."""
     model, tok = tiny["tiny-llama"]
     monkeypatch.setattr(engine, "_decode_mode", lambda model, config: "static")
-    monkeypatch.setattr(engine, "_SLOTS", {})
+    monkeypatch.setattr(cuda_graphs, "_SLOTS", {})
     cfg = GenerationConfig(max_new_tokens=10, do_sample=False)
     generate(model, tok, PROMPTS, cfg)
-    (key, slot), = engine._SLOTS.items()
+    (key, slot), = cuda_graphs._SLOTS.items()
     assert slot.length == 64 and key[2] == len(PROMPTS)
     others = [p[::-1] for p in PROMPTS]  # different tokens, same lengths: the same slot, reset
     out = generate(model, tok, others, cfg)
-    assert list(engine._SLOTS.items()) == [(key, slot)]
+    assert list(cuda_graphs._SLOTS.items()) == [(key, slot)] == cuda_graphs.kept_slots()
     assert_same_as_hf(out, hf_greedy(model, tok, others, 10), tok.pad_token_id)
     for n in (1, 2, 3, 5):  # four more batch sizes: the first slot is the least recently used
         generate(model, tok, PROMPTS[:1] * n, cfg)
-    assert key not in engine._SLOTS and len(engine._SLOTS) == engine._MAX_SLOTS
-    assert engine.release_graphs() == engine._MAX_SLOTS and not engine._SLOTS
+    assert key not in cuda_graphs._SLOTS and len(cuda_graphs._SLOTS) == cuda_graphs._MAX_SLOTS
+    assert engine.release_graphs() == cuda_graphs._MAX_SLOTS and not cuda_graphs._SLOTS
 
 
 def test_sliding_window_model_keeps_its_cache_layers(tiny):
@@ -131,13 +132,13 @@ def test_sliding_window_model_keeps_its_cache_layers(tiny):
                            num_key_value_heads=2, vocab_size=len(tok), sliding_window=4, pad_token_id=tok.pad_token_id,
                            eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     model = MistralForCausalLM(config).eval()
-    cache = engine._new_cache(model, static=False, max_len=32)
+    cache = kv_cache.new_cache(model, static=False, max_len=32)
     assert all(type(layer).__name__ == "DynamicSlidingWindowLayer" for layer in cache.layers)
-    llama_cache = engine._new_cache(tiny["tiny-llama"][0], static=False, max_len=32)
+    llama_cache = kv_cache.new_cache(tiny["tiny-llama"][0], static=False, max_len=32)
     assert [type(layer).__name__ for layer in llama_cache.layers] == ["PreallocatedLayer"] * 4
     out = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=8, do_sample=False))
     assert_same_as_hf(out, hf_greedy(model, tok, PROMPTS, 8), tok.pad_token_id)
-    assert not engine._graph_safe(model) and engine._graph_safe(tiny["tiny-llama"][0])
+    assert not cuda_graphs.graph_safe(model) and cuda_graphs.graph_safe(tiny["tiny-llama"][0])
     assert engine._decode_mode(tiny["tiny-llama"][0], GenerationConfig()) == "eager"  # CPU
 
 
@@ -214,8 +215,8 @@ def test_sampling_distribution_matches_hand_computed():
 
 def test_inverse_cdf_never_draws_zero_probability():
     g = torch.Generator().manual_seed(0)
-    assert engine.sample_inverse_cdf(torch.tensor([[0.0, 1.0, 0.0]] * 50), g).tolist() == [1] * 50
-    draws = engine.sample_inverse_cdf(torch.tensor([[0.25, 0.0, 0.75, 0.0]]).expand(4000, 4), g)
+    assert sampling.sample_inverse_cdf(torch.tensor([[0.0, 1.0, 0.0]] * 50), g).tolist() == [1] * 50
+    draws = sampling.sample_inverse_cdf(torch.tensor([[0.25, 0.0, 0.75, 0.0]]).expand(4000, 4), g)
     counts = torch.bincount(draws, minlength=4).tolist()
     assert counts[1] == counts[3] == 0 and abs(counts[0] - 1000) < 4 * math.sqrt(4000 * 0.25 * 0.75)
 
@@ -355,7 +356,7 @@ def test_frozen_weights_move_into_their_packed_form_and_come_back_bit_for_bit(sp
     params = dict(model.named_parameters())
     head = model.get_output_embeddings().weight
     tied = head is model.get_input_embeddings().weight
-    conv1d = engine._conv1d_type()
+    conv1d = packing.conv1d_type()
     linear_weights = {id(m.weight) for m in model.modules() if type(m) in (torch.nn.Linear, conv1d)}
     x = torch.tensor([PROMPTS[2]])
     with torch.no_grad():
@@ -461,3 +462,75 @@ def test_a_lora_models_frozen_base_moves_and_samples_alike():
     assert torch.equal(out[True].response_ids, out[False].response_ids)
     assert torch.equal(out[True].logprobs, out[False].logprobs)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.fixture
+def fresh_probe():
+    onednn.reset_probe()
+    yield
+    onednn.reset_probe()  # later tests probe the real ops again
+
+
+def test_cpu_path_info_reports_the_path_the_engine_takes(fresh_probe):
+    info = cpu_path_info()
+    assert info["threads"] == torch.get_num_threads() and info["interop_threads"] == torch.get_num_interop_threads()
+    assert info["aten_isa"] == torch.backends.cpu.get_cpu_capability()
+    model, _ = load_model("tiny-llama", seed=0)
+    plain = cpu_path_info(model, GenerationConfig(packed_linears=False))
+    assert (plain["path"], plain["reason"]) == (onednn.PLAIN, "packed_linears=False")
+    if not onednn.probe()[0]:
+        pytest.skip(f"no packed oneDNN linears here: {onednn.probe()[1]}")
+    assert (info["path"], info["reason"]) == (onednn.PACKED, "oneDNN probe passed")
+    assert cpu_path_info(model, GenerationConfig(bf16=True))["path"] == onednn.PACKED_BF16
+    assert isinstance(info["onednn_impl"], str) and info["onednn_impl"]  # e.g. brg_matmul:avx512_core
+
+
+def test_a_failed_probe_falls_back_to_plain_linears_and_says_so(fresh_probe, monkeypatch, caplog):
+    """The packed op raising on this CPU: one warning on the ``ankus.generation`` logger naming the
+    cause, cpu_path_info reports the plain path, and sampling gives exactly the plain path's output
+    with no packed weight made."""
+    model, tok = load_model("tiny-llama", seed=4)
+    cfg = dict(max_new_tokens=6, do_sample=True)
+    plain = generate(model, tok, PROMPTS, GenerationConfig(packed_linears=False, **cfg),
+                     generator=torch.Generator().manual_seed(2))
+
+    def broken(*args):
+        raise RuntimeError("no kernel for this ISA")
+
+    monkeypatch.setattr(onednn, "packed_matmul", broken)
+    before = set(packing._PACKED)
+    with caplog.at_level(logging.WARNING, logger="ankus.generation"):
+        for _ in range(2):
+            out = generate(model, tok, PROMPTS, GenerationConfig(**cfg), generator=torch.Generator().manual_seed(2))
+            assert torch.equal(out.response_ids, plain.response_ids) and torch.equal(out.logprobs, plain.logprobs)
+    warnings = [r for r in caplog.records if r.name == "ankus.generation" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # probed once per process
+    assert "no kernel for this ISA" in warnings[0].getMessage() and "falls back" in warnings[0].getMessage()
+    assert set(packing._PACKED) == before
+    info = cpu_path_info(model)
+    assert info["path"] == onednn.PLAIN and "no kernel for this ISA" in info["reason"]
+    with pytest.raises(ValueError, match="no kernel for this ISA"):
+        generate(model, tok, PROMPTS, GenerationConfig(bf16=True, **cfg))
+
+
+def test_probe_without_onednn_names_the_cause(fresh_probe, monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    ok, reason = onednn.probe()
+    assert not ok and "without oneDNN" in reason
+    model, _ = load_model("tiny-llama", seed=0)
+    assert not packing.packed_linears_available(model)
+
+
+def test_release_all_packed_empties_the_cache_and_sampling_packs_again_alike():
+    model, tok = load_model("tiny-llama", seed=7)
+    if not packing.packed_linears_available(model):
+        pytest.skip("no packed oneDNN linears here")
+    cfg = GenerationConfig(max_new_tokens=4, do_sample=True)
+    first = generate(model, tok, PROMPTS, cfg, generator=torch.Generator().manual_seed(3))
+    ids = {id(p) for p in model.parameters()}
+    held = sum(packing._PACKED[k][2] is not None for k in ids & packing._PACKED.keys())
+    assert held > 0
+    assert packing.release_all_packed() >= held and not packing._PACKED
+    again = generate(model, tok, PROMPTS, cfg, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again.response_ids, first.response_ids) and torch.equal(again.logprobs, first.logprobs)
+    assert sum(packing._PACKED[k][2] is not None for k in ids & packing._PACKED.keys()) == held

@@ -11,11 +11,11 @@ from ankus.config import ModelConfig, RunConfig, TrainerConfig
 from ankus.data.io import DataError
 from ankus.generation.engine import GenerationConfig, generate
 from ankus.losses.ilql import ilql_loss
-from ankus.models.heads import ILQLHeads
+from ankus.models.heads import ILQLHeads, q_at
+from ankus.models.loading import RANDOMWALKS_MODEL, randomwalks_gpt2, randomwalks_tokenizer
 from ankus.trainers import ilql
 from ankus.trainers.ilql import (Config, ILQLData, ILQLEval, ILQLMethod, ilql_collate, ilql_forward, ilql_generate,
-                                 letter_tokenizer, load_ilql, load_samples, randomwalks_gpt2, standardize_returns,
-                                 tokenize_samples, train, train_step)
+                                 load_ilql, load_samples, standardize_returns, tokenize_samples, train, train_step)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def test_standardize_returns_by_hand():
     assert standardize_returns([2.0]) == [0.0]
 
 
-def test_letter_tokenizer_and_tokenize_samples():
-    tok = letter_tokenizer()
+def test_randomwalks_tokenizer_and_tokenize_samples():
+    tok = randomwalks_tokenizer()
     assert len(tok) == 29 and tok.eos_token_id == tok.pad_token_id == 0
     a, d, f = (tok.convert_tokens_to_ids(c) for c in "adf")
     assert (a, d, f) == (3, 6, 8)
@@ -283,7 +283,7 @@ def test_generation_ends_rows_at_eos_and_stop_strings(rw):
 
 def _tiny_cfg(tmp_path, name, **trainer):
     return Config(
-        model=ModelConfig(spec=ilql.RANDOMWALKS_SPEC, seed=5),
+        model=ModelConfig(spec=RANDOMWALKS_MODEL, seed=5),
         trainer=TrainerConfig(lr=1e-3, batch_size=16, total_steps=trainer.pop("total_steps", 6), log_every=1,
                               **trainer),
         method=ILQLMethod(alpha=0.5, steps_for_target_q_sync=2),
@@ -412,7 +412,7 @@ def test_unembedding_q_heads_start_at_zero_share_the_matrix_and_round_trip(rw, t
     a = torch.tensor([[1, 5, 7], [0, 2, 28]])
     q0 = heads.q_heads[0]
     by_hand = torch.einsum("btd,btd->bt", q0.mlp(h), W[a]) + q0.bias[a]
-    torch.testing.assert_close(ilql.q_at(q0, h, a), by_hand)
+    torch.testing.assert_close(q_at(q0, h, a), by_hand)
     torch.testing.assert_close(q0(h).gather(-1, a[..., None])[..., 0], by_hand)
     ilql.save_ilql(model, heads, tok, tmp_path / "m")
     _, _, loaded = load_ilql(tmp_path / "m")
@@ -420,3 +420,91 @@ def test_unembedding_q_heads_start_at_zero_share_the_matrix_and_round_trip(rw, t
     for x, y in zip(heads(h), loaded(h)):
         for u, v in zip(x if isinstance(x, tuple) else (x,), y if isinstance(y, tuple) else (y,)):
             torch.testing.assert_close(u, v)
+
+
+# ---------------------------------------------------------------- honest configuration
+
+
+REFUSED = [  # (override, the field the error must name)
+    ("generation.guidance_scale=2.0", "generation.guidance_scale"),
+    ("generation.negative_prompt=bad", "generation.negative_prompt"),
+    ("generation.packed_linears=false", "generation.packed_linears"),
+    ("generation.move_frozen=false", "generation.move_frozen"),
+    ("generation.bf16=true", "generation.bf16"),
+    ("generation.cuda_graph=false", "generation.cuda_graph"),
+    ("generation.compile=true", "generation.compile"),
+    ("trainer.fsdp=true", "trainer.fsdp"),
+    ("lora.r=4", "lora.r"),  # adapter settings without lora.enabled
+    ("lora.alpha=8", "lora.alpha"),
+    ("lora.dropout=0.1", "lora.dropout"),
+    ("lora.target=[c_attn]", "lora.target"),
+]
+
+
+@pytest.mark.parametrize("override,field", REFUSED)
+def test_fields_ilql_does_not_use_are_refused(tmp_path, override, field):
+    from ankus.config import ConfigError, build
+
+    cfg = build(Config, {"run": {"out_dir": str(tmp_path)}}, [override])
+    with pytest.raises(ConfigError, match=rf"{field} = .* is not used by ilql"):
+        ilql.check_config(cfg)
+    with pytest.raises(ConfigError, match=rf"{field} = .* is not used by ilql"):
+        train(cfg)  # refused before anything is loaded or written
+    assert not any(tmp_path.iterdir())
+    ilql.check_config(build(Config, {}, []))  # the defaults pass
+
+
+def test_conditionally_unused_fields_are_refused(tmp_path):
+    from ankus.config import ConfigError, build
+
+    # walks_seed only seeds the random-walks data, prompts or scorer
+    with pytest.raises(ConfigError, match=r"data.walks_seed = 7 is not used by ilql"):
+        ilql.check_config(build(Config, {}, ["data.dataset=x.jsonl", "data.walks_seed=7"]))
+    ilql.check_config(build(Config, {}, ["data.dataset=x.jsonl", "data.walks_seed=7", "eval.reward=randomwalks"]))
+    ilql.check_config(build(Config, {}, ["data.walks_seed=7"]))  # randomwalks data
+    # with LoRA the adapters train: num_layers_unfrozen would be ignored
+    with pytest.raises(ConfigError, match=r"method.num_layers_unfrozen = 0 is not used by ilql"):
+        ilql.check_config(build(Config, {}, ["lora.enabled=true", "method.num_layers_unfrozen=0"]))
+    ilql.check_config(build(Config, {}, ["lora.enabled=true"]))
+    # two refused fields: both named in one error
+    with pytest.raises(ConfigError, match=r"generation.bf16 = True .*; trainer.fsdp = True"):
+        ilql.check_config(build(Config, {}, ["generation.bf16=true", "trainer.fsdp=true"]))
+    with pytest.raises(ConfigError, match="steps_for_target_q_sync must be >= 1"):
+        ilql.check_config(build(Config, {}, ["method.steps_for_target_q_sync=0"]))
+
+
+def test_lora_section_replaces_method_lora_keys(rw):
+    from ankus.config import ConfigError, LoRAConfig, build
+    from ankus.models.lora import is_peft
+
+    for old in ("method.lora_r=4", "method.lora_alpha=8"):
+        with pytest.raises(ConfigError, match="unknown key"):
+            build(Config, {}, [old])
+    cfg = build(Config, {}, ["lora.enabled=true", "lora.r=4", "lora.alpha=8"])
+    assert cfg.lora == LoRAConfig(enabled=True, r=4, alpha=8)
+    model = __import__("copy").deepcopy(rw[0])
+    policy = ilql._prepare_trainable(model, cfg)
+    assert is_peft(policy)
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert policy.peft_config["default"].r == 4 and policy.peft_config["default"].lora_alpha == 8
+    # without LoRA: num_layers_unfrozen freezes all but the top blocks
+    model = __import__("copy").deepcopy(rw[0])
+    policy = ilql._prepare_trainable(model, build(Config, {}, ["method.num_layers_unfrozen=0"]))
+    assert not is_peft(policy) and not any(p.requires_grad for p in policy.parameters())
+
+
+def test_lr_schedule_follows_trainer_config(tmp_path):
+    from ankus.optim import lr_multiplier
+
+    cfg = _tiny_cfg(tmp_path, "cos", total_steps=4, lr_schedule="cosine", warmup_steps=1, min_lr_ratio=0.2)
+    cfg.eval.betas = [0.0]
+    cfg.run.save_model = False
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "cos" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    # the logged lr is the one for the next step (the scheduler has stepped)
+    expected = [1e-3 * lr_multiplier(s, warmup_steps=1, total_steps=4, schedule="cosine", min_lr_ratio=0.2)
+                for s in range(1, 5)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    assert lrs[-1] == pytest.approx(2e-4) and len(set(lrs)) == 4

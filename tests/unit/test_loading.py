@@ -83,3 +83,27 @@ def test_hf_dir_roundtrip(tmp_path):
     again, _ = load_model(str(tmp_path))
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_randomwalks_gpt2_is_a_known_spec_listed_by_ankus_models(capsys):
+    from ankus.cli import main
+
+    assert main(["models"]) in (0, None)
+    assert "randomwalks-gpt2" in capsys.readouterr().out
+    m1, tok = load_model("randomwalks-gpt2", seed=5)
+    m2, _ = loading.randomwalks_gpt2(seed=5)
+    m3, _ = load_model("randomwalks-gpt2", seed=6)
+    assert type(m1).__name__ == "GPT2LMHeadModel" and m1.config.n_layer == 6 and m1.config.n_embd == 144
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert not torch.equal(m1.transformer.h[0].attn.c_attn.weight, m3.transformer.h[0].attn.c_attn.weight)
+    assert not m1.training and all(p.dtype == torch.float32 for p in m1.parameters())
+    # one token per node letter; whitespace and '|' delimiters do not change the node tokens
+    assert len(tok) == 29 and tok.eos_token_id == tok.pad_token_id == tok.bos_token_id == 0
+    assert tok("d f a")["input_ids"] == tok("dfa")["input_ids"] == [6, 8, 3]
+    assert m1(torch.tensor([[6, 8, 3]])).logits.shape == (1, 3, 29)
+    # the global RNG is left as it was
+    state = torch.random.get_rng_state()
+    load_model("randomwalks-gpt2", seed=7)
+    assert torch.equal(state, torch.random.get_rng_state())
+    half, _ = load_model("randomwalks-gpt2", dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())

@@ -10,8 +10,12 @@ from ankus.rl.kl import (
     FixedKLController,
     kl_k1,
     kl_k2,
+    kl_controller,
     kl_k3,
+    kl_loss,
+    kl_penalised_scores,
     per_token_rewards,
+    response_kl,
 )
 
 
@@ -108,3 +112,40 @@ def test_fixed_kl_controller():
     restored = FixedKLController(1.0)
     restored.load_state_dict(ctl.state_dict())
     assert restored.value == 0.05
+
+
+def test_response_kl_is_k1_on_response_tokens_only():
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.4, -3.0]])
+    ref = torch.tensor([[-1.5, -1.0, -9.0], [-0.7, -0.4, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    # r = [[0.5, -1, 8.5], [0.5, 0, -2]]; the first row's last position is padding, so 0 there
+    kl = response_kl(logps, ref, mask)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0], [0.5, 0.0, -2.0]]))
+    assert kl.sum(1).tolist() == pytest.approx([-0.5, -1.5])
+
+
+def test_rloo_kl_penalised_scores_by_hand():
+    scores = torch.tensor([1.0, 0.0])
+    kl = torch.tensor([[0.5, -1.0, 0.0], [0.5, 0.0, -2.0]])  # sums -0.5, -1.5
+    # R − β·Σ kl with β = 0.1: 1 + 0.05 = 1.05; 0 + 0.15 = 0.15
+    torch.testing.assert_close(kl_penalised_scores(scores, kl, 0.1), torch.tensor([1.05, 0.15]))
+    torch.testing.assert_close(kl_penalised_scores(scores, kl, 0.0), torch.tensor([1.0, 0.0]))
+
+
+def test_grpo_kl_loss_is_beta_times_the_token_mean_of_k3():
+    logps = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding: its huge r must not count
+    weighted, loss = kl_loss(logps, ref, mask, 0.2)
+    # k3 of r = 0.5, -1: 0.10653066, 0.71828183; mean 0.41240624
+    assert loss.item() == pytest.approx(0.41240624, abs=1e-7)
+    assert weighted.item() == pytest.approx(0.2 * 0.41240624, abs=1e-7)
+    weighted.backward()
+    # d k3 / d logp = 1 − e^{−r}: 1 − e^{−0.5} = 0.39346934, 1 − e = −1.71828183; × β / 2 tokens
+    assert logps.grad.tolist()[0] == pytest.approx([0.2 * 0.39346934 / 2, 0.2 * -1.71828183 / 2, 0.0], abs=1e-7)
+
+
+def test_kl_controller_is_fixed_without_a_target():
+    assert isinstance(kl_controller(0.05), FixedKLController)
+    ctl = kl_controller(0.05, target=6.0, horizon=100)
+    assert isinstance(ctl, AdaptiveKLController) and ctl.target == 6.0 and ctl.horizon == 100.0

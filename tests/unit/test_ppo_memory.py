@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from ankus import load_model
-from ankus.generation import engine
+from ankus.generation import engine, packing
 from ankus.losses.ppo import head_logprobs, logprobs_from_logits, rows_per_chunk, token_entropy
 from ankus.models.heads import ValueHead, output_head_bypassed
 from ankus.config import LoRAConfig
 from ankus.models.lora import apply_lora
 from ankus.models.reference import make_reference
-from ankus.trainers import ppo
+from ankus.models.hydra import TrunkCache
+from ankus.rl import rollouts
 
 
 def test_rows_per_chunk_by_hand():
@@ -129,23 +130,23 @@ def test_response_logprobs_equal_the_full_logits_and_their_gradients(setup):
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     if setup == "hydra-trunk":
         with torch.no_grad():
-            hidden = ppo.policy_forward(policy, value_head, ids, am, N, ref.hidden_index)[2]
-        trunk = ppo.TrunkCache(policy, ref.hidden_index)
+            hidden = rollouts.policy_forward(policy, value_head, ids, am, N, ref.hidden_index)[2]
+        trunk = TrunkCache(policy, ref.hidden_index)
         forward = lambda: trunk.forward(value_head, hidden, am, N)  # noqa: E731
     else:
-        forward = lambda: ppo.policy_forward(policy, value_head, ids, am, N)[:2]  # noqa: E731
+        forward = lambda: rollouts.policy_forward(policy, value_head, ids, am, N)[:2]  # noqa: E731
 
     def grads(logps, values):
         loss = (logps * torch.linspace(-1, 1, logps.numel()).view_as(logps)).sum() + values.pow(2).sum()
         return torch.autograd.grad(loss, params)
 
     calls = []
-    real = ppo.head_logprobs
-    ppo.head_logprobs = lambda *a, **k: calls.append(1) or real(*a, **k)
+    real = rollouts.head_logprobs
+    rollouts.head_logprobs = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
-        logps, entropy, values = ppo._response_logprobs(policy, forward, resp)
+        logps, entropy, values = rollouts.response_logprobs(policy, forward, resp)
     finally:
-        ppo.head_logprobs = real
+        rollouts.head_logprobs = real
     assert calls, "the bypass was not taken"
     logits, values_full = forward()  # (B, N, V): the straightforward way
     whole = logprobs_from_logits(logits, resp)
@@ -159,7 +160,7 @@ def test_response_logprobs_equal_the_full_logits_and_their_gradients(setup):
 def test_response_logprobs_fall_back_when_the_model_transforms_its_logits():
     model = _ScaledLogits()
     x, labels = torch.randn(2, 3, 4), torch.tensor([[1, 2, 3], [4, 5, 6]])
-    logps, entropy, values = ppo._response_logprobs(model, lambda: (model(x), None), labels)
+    logps, entropy, values = rollouts.response_logprobs(model, lambda: (model(x), None), labels)
     logits = model(x)
     torch.testing.assert_close(logps, logprobs_from_logits(logits, labels))
     torch.testing.assert_close(entropy, token_entropy(logits.detach()))
@@ -174,25 +175,25 @@ def test_scoring_in_small_row_chunks_gives_the_same_numbers(mode, monkeypatch):
     ids, am, resp, N = _rollout_batch(seed=1, B=7)
     keep = mode == "hydra"
     with torch.no_grad():
-        whole = ppo._score_rollouts(ref.policy, value_head, ref, ids, am, resp, N, chunk=7, keep_hidden=keep)
-        monkeypatch.setattr(ppo, "rows_per_chunk", lambda positions, v: 2)  # chunks of 2, 2, 2, 1 rows
-        chunked = ppo._score_rollouts(ref.policy, value_head, ref, ids, am, resp, N, chunk=7, keep_hidden=keep)
+        whole = rollouts.score_rollouts(ref.policy, value_head, ref, ids, am, resp, N, chunk=7, keep_hidden=keep)
+        monkeypatch.setattr(rollouts, "rows_per_chunk", lambda positions, v: 2)  # chunks of 2, 2, 2, 1 rows
+        chunked = rollouts.score_rollouts(ref.policy, value_head, ref, ids, am, resp, N, chunk=7, keep_hidden=keep)
     for a, b in zip(chunked, whole):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
 def test_release_packed_drops_the_cache_and_packs_again_alike():
     model, tok = load_model("tiny-llama", seed=5)
-    if not engine.packed_linears_available(model):
+    if not packing.packed_linears_available(model):
         pytest.skip("no oneDNN")
     cfg = engine.GenerationConfig(max_new_tokens=5, packed_linears=True)
     first = engine.generate(model, tok, ["hello", "a b c"], cfg, generator=torch.Generator().manual_seed(0))
     ids = {id(p) for p in model.parameters()}
-    held = [k for k in ids if engine._PACKED.get(k, (None, None, None))[2] is not None]
+    held = [k for k in ids if packing._PACKED.get(k, (None, None, None))[2] is not None]
     assert held
     assert engine.release_packed(model) == len(held)
-    assert all(engine._PACKED[k][2] is None for k in held)
+    assert all(packing._PACKED[k][2] is None for k in held)
     assert engine.release_packed(model) == 0  # nothing left to drop
     again = engine.generate(model, tok, ["hello", "a b c"], cfg, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.response_ids, first.response_ids) and torch.equal(again.logprobs, first.logprobs)
-    assert all(engine._PACKED[k][2] is not None for k in held)  # packed again, in the same entries
+    assert all(packing._PACKED[k][2] is not None for k in held)  # packed again, in the same entries

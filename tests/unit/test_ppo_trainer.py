@@ -12,7 +12,7 @@ from ankus import load_model
 from ankus.models.heads import ValueHead
 from ankus.rewards import RewardError
 from ankus.runs import read_metrics
-from ankus.trainers.ppo import policy_forward
+from ankus.rl.rollouts import policy_forward
 
 
 def _recipe(tmp_path, **sections):
@@ -126,7 +126,7 @@ def test_trunk_cache_gives_the_full_forward_and_its_gradients(spec):
     # Hydra's PPO steps run only the top blocks from the scoring forward's hidden state at the
     # split: logits, values and the trainable parameters' gradients equal a full forward's.
     from ankus.models.hydra import freeze_for_hydra
-    from ankus.trainers.ppo import TrunkCache
+    from ankus.models.hydra import TrunkCache
 
     model, _ = load_model(spec, seed=3)
     freeze_for_hydra(model, 2)
@@ -164,7 +164,7 @@ def test_hydra_with_and_without_the_trunk_cache_train_alike(tmp_path):
 
 
 def test_eval_summary_standard_errors_are_over_prompts_and_paired():
-    from ankus.trainers.ppo import eval_summary
+    from ankus.rl.heldout import eval_summary
 
     # 3 prompts x 2 samples; prompt means before 0, 0.5, 1 and after 0.5, 0.5, 2
     before = [{"prompt": p, "score": s} for p, s in
@@ -193,16 +193,16 @@ def test_eval_samples_scores_each_held_out_prompt_k_times(tmp_path, capsys):
 def _grpo_runs(tmp_path, monkeypatch, ppo_epochs):
     """Two GRPO runs, the update's forward reused for the behaviour log-probs or not; their end
     parameters, metrics and whether each scoring phase ran the policy forward."""
-    from ankus.trainers import ppo
+    from ankus.rl import rollouts
 
-    score = ppo._score_rollouts
+    score = rollouts.score_rollouts
     calls: list[bool] = []
 
     def recording(*a, **k):
         calls.append(k.get("behaviour", True))
         return score(*a, **k)
 
-    monkeypatch.setattr(ppo, "_score_rollouts", recording)
+    monkeypatch.setattr(rollouts, "score_rollouts", recording)
     ends, metrics, behaviour = [], [], []
     for reuse in (True, False):
         calls.clear()

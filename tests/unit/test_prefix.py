@@ -9,7 +9,7 @@ import ankus
 from ankus import load_model
 from ankus.models.prefix import head_is_plain, shared_prompt_hidden, shared_prompt_states
 from ankus.models.reference import make_reference
-from ankus.trainers.ppo import policy_forward
+from ankus.rl.rollouts import policy_forward
 
 
 def _batch(k: int = 3, n: int = 5, seed: int = 0):
@@ -148,10 +148,10 @@ def test_shared_prompt_states_rebuild_the_whole_rows_state_at_the_split(spec):
 def test_hydra_ppo_with_and_without_shared_prompts_trains_alike(tmp_path, monkeypatch):
     from test_ppo_trainer import _recipe, length_reward
 
-    from ankus.trainers import ppo
+    from ankus.rl import rollouts
 
     calls = []
-    monkeypatch.setattr(ppo, "shared_prompt_states", lambda *a: calls.append(1) or shared_prompt_states(*a))
+    monkeypatch.setattr(rollouts, "shared_prompt_states", lambda *a: calls.append(1) or shared_prompt_states(*a))
     ends, rows = [], []
     for share in (True, False):
         method = {"estimator": "gae", "samples_per_prompt": 4, "reference": "hydra", "num_layers_unfrozen": 1,

@@ -12,6 +12,7 @@ from ankus.losses.ppo import logprobs_from_logits
 from ankus.config import LoRAConfig
 from ankus.data.tokens import position_ids_from_mask
 from ankus.models.lora import apply_lora
+from ankus.config import LoRAConfig
 from ankus.models.reference import make_reference
 
 
@@ -90,7 +91,7 @@ def test_hydra_logps_match_a_pristine_copy_before_and_after_training(arch):
 def test_lora_reference_is_the_base_model_before_and_after_training(arch):
     model = _load(arch)
     pristine = copy.deepcopy(model)
-    ref = make_reference(model, "lora", lora_r=4, lora_alpha=8)
+    ref = make_reference(model, "lora", lora=LoRAConfig(enabled=True, r=4, alpha=8))
     policy = ref.policy
     assert ref.mode == "lora" and ref.hidden_index is None and hasattr(policy, "disable_adapter")
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]

@@ -13,8 +13,9 @@ from ankus import load_model
 from ankus.config import build
 from ankus.data.batching import Example, bucketed_batches, shuffled_batches, make_batch, pack_batch, pack_rows, packing_is_exact
 from ankus.trainers import sft
-from ankus.trainers.sft import (SFTData, lr_lambda, randomwalk_rows, sft_batch_loss, spaced_walk, tokenize_chat,
-                                tokenize_prompt_completion, tokenize_row)
+from ankus.optim import lr_multiplier
+from ankus.rewards.randomwalks import randomwalk_rows, spaced_walk
+from ankus.trainers.sft import SFTData, sft_batch_loss, tokenize_chat, tokenize_prompt_completion, tokenize_row
 
 # SmolLM2 token ids, read once off the tokenizer and written down: 'b' 82, ' h' 294, ' a' 253,
 # '<|im_end|>' (EOS) 2, '<|im_start|>' 1, '\n' 198, 'ass' 520, 'istant' 9531.
@@ -165,6 +166,9 @@ def test_packed_and_bucketed_loss_equal_naive_loop(tok, spec):
 
 
 def test_lr_schedule_by_hand():
+    def lr_lambda(step, warmup, total, schedule="constant", min_ratio=0.1):
+        return lr_multiplier(step, warmup_steps=warmup, total_steps=total, schedule=schedule, min_lr_ratio=min_ratio)
+
     assert [lr_lambda(s, 4, 100) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     # cosine from 1 at the end of warm-up to min_ratio at total
     assert lr_lambda(4, 4, 104, "cosine", 0.1) == pytest.approx(1.0)

@@ -19,6 +19,7 @@ them. Leaving ``attention_mask=None`` keeps attention on the fast ``is_causal`` 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -26,7 +27,8 @@ from typing import Literal, Sequence
 import torch
 
 __all__ = ["Example", "Batch", "bucketed_batches", "shuffled_batches", "pad_batch", "pack_batch",
-           "make_batch", "pack_rows", "packing_is_exact", "BatchingMode"]
+           "make_batch", "pack_rows", "packing_is_exact", "BatchingMode", "step_batches", "split_eval",
+           "micro_batches"]
 
 BatchingMode = Literal["pack", "bucket", "pad"]
 
@@ -100,6 +102,33 @@ def bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, group_b
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def step_batches(lengths: Sequence[int], batch_size: int, mode: BatchingMode, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch (bucketed for ``bucket``, else shuffled); a function of (seed,
+    epoch) only, so a resumed run sees the same order."""
+    epoch_seed = seed * 100003 + epoch
+    if mode == "bucket":
+        return bucketed_batches(lengths, batch_size, epoch_seed)
+    return shuffled_batches(len(lengths), batch_size, epoch_seed)
+
+
+def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random (train, eval) split; eval gets round(fraction * n) items."""
+    n_eval = int(round(fraction * len(items)))
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    eval_ix = set(order[:n_eval])
+    return [x for i, x in enumerate(items) if i not in eval_ix], [x for i, x in enumerate(items) if i in eval_ix]
+
+
+def micro_batches(indices: list[int], grad_accum: int) -> list[list[int]]:
+    """``indices`` cut into at most ``grad_accum`` contiguous, near-equal micro-batches."""
+    if not indices:
+        return []
+    n = max(1, min(grad_accum, len(indices)))
+    size = math.ceil(len(indices) / n)
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
 # ---------------------------------------------------------------------------------------------

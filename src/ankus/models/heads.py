@@ -16,13 +16,16 @@ embedding space, and the trainable part is h x 2h x h instead of 2h x vocab.
 from __future__ import annotations
 
 import copy
+import json
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["make_head", "ValueHead", "UnembeddingQHead", "ILQLHeads", "q_at", "output_head_bypassed"]
+__all__ = ["make_head", "ValueHead", "UnembeddingQHead", "ILQLHeads", "q_at", "output_head_bypassed",
+           "save_ilql_heads", "load_ilql_heads"]
 
 
 @contextmanager
@@ -192,3 +195,33 @@ class ILQLHeads(nn.Module):
             target_qs = tuple(q(actions_hs) for q in self.target_q_heads)  # each (B, K, V)
         vs = self.v_head(states_hs).squeeze(-1)  # (B, S)
         return qs, target_qs, vs
+
+
+def save_ilql_heads(heads: ILQLHeads, directory: str | Path) -> None:
+    """``ilql_heads.safetensors`` (the state, targets included) and ``ilql_heads.json`` (the
+    shape :func:`load_ilql_heads` rebuilds) in ``directory``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()},
+              str(directory / "ilql_heads.safetensors"))
+    (directory / "ilql_heads.json").write_text(json.dumps({
+        "hidden_size": heads.v_head[0].in_features, "vocab_size": heads.vocab_size,
+        "two_qs": len(heads.q_heads) == 2, "alpha": heads.alpha,
+        "q_head": "mlp" if isinstance(heads.q_heads[0], nn.Sequential) else "unembedding"}))
+
+
+def load_ilql_heads(directory: str | Path, unembedding: torch.Tensor) -> ILQLHeads:
+    """The heads :func:`save_ilql_heads` wrote to ``directory``, in eval mode. ``unembedding`` is
+    the LM's output embedding (vocab, d), which ``unembedding`` Q heads read through and do not save."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = json.loads((directory / "ilql_heads.json").read_text())
+    q_head = meta.get("q_head", "mlp")
+    if q_head not in ("mlp", "unembedding"):
+        raise ValueError(f"{directory / 'ilql_heads.json'}: q_head must be 'mlp' or 'unembedding', got {q_head!r}")
+    heads = ILQLHeads(meta["hidden_size"], meta["vocab_size"], two_qs=meta["two_qs"], alpha=meta["alpha"],
+                      unembedding=unembedding.float() if q_head == "unembedding" else None)
+    heads.load_state_dict(load_file(str(directory / "ilql_heads.safetensors")))
+    return heads.eval()

@@ -31,9 +31,10 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from ankus.data.tokens import position_ids_from_mask
 from ankus.models.layers import decoder_layers, find_decoder_layers
 
-__all__ = ["freeze_for_hydra", "HydraReference", "eval_mode"]
+__all__ = ["freeze_for_hydra", "HydraReference", "TrunkCache", "eval_mode"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,3 +306,36 @@ class HydraReference:
 
 class _TrunkDone(Exception):
     """Raised by a pre-hook to stop a forward once the split's input has been captured."""
+
+
+class TrunkCache:
+    """The policy's top N blocks run on a cached hidden state at the split (PPO under Hydra).
+
+    Under Hydra the bottom L−N blocks and the embeddings are frozen, so a rollout's hidden state
+    entering block L−N cannot change during the PPO epochs: the scoring forward already computed
+    it (``hidden_states[L−N]``). ``view`` is the policy's own module tree with the bottom blocks
+    swapped for stand-ins that return that state (the branch's construction above, but with the
+    top blocks, final norm and head *shared* with the policy rather than copied), so the model's
+    own mask/rotary code runs and gradients reach the policy's parameters.
+    """
+
+    def __init__(self, model: nn.Module, split_index: int):
+        name, layers = find_decoder_layers(model)
+        self.split = _Split()
+        stand_ins = [_StandIn(layer, self.split if i == split_index - 1 else None)
+                     for i, layer in enumerate(layers[:split_index])]
+        self.view = _restructure(model, {name: nn.ModuleList(stand_ins + list(layers[split_index:]))})
+
+    def forward(self, value_head: nn.Module | None, hidden: Tensor, attention_mask: Tensor,
+                n_resp: int) -> tuple[Tensor, Tensor | None]:
+        """The response positions' logits (B, N, V) and values (B, N) (None without a value head)
+        from ``hidden`` (B, T, H), as a full forward of the policy over the rows would give them."""
+        self.split.hidden = hidden
+        try:
+            out = self.view(inputs_embeds=hidden, attention_mask=attention_mask,
+                            position_ids=position_ids_from_mask(attention_mask),
+                            output_hidden_states=value_head is not None, logits_to_keep=n_resp + 1, use_cache=False)
+        finally:
+            self.split.hidden = None
+        values = value_head(out.hidden_states[-1][:, -n_resp - 1:-1]) if value_head is not None else None
+        return out.logits[:, :-1], values

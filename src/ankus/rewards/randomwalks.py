@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["RandomWalksTask", "generate_random_walks", "shortest_path_lengths", "path_optimality"]
+__all__ = ["RandomWalksTask", "generate_random_walks", "shortest_path_lengths", "path_optimality", "spaced_walk",
+           "randomwalk_rows", "walk_is_legal", "randomwalk_eval", "warm_start"]
 
 _LETTERS = string.ascii_lowercase
 _DELIMITERS = "| \t\n"  # "|" separates nodes when a tokenizer needs it (trlX's GPT-2 variant)
@@ -166,3 +167,88 @@ def generate_random_walks(n_nodes: int = 21, max_length: int = 10, n_walks: int 
             walk.append(node)
         walks.append("".join(_LETTERS[i] for i in walk))
     return RandomWalksTask(adjacency=adjacency, walks=walks, max_length=max_length, goal=goal)
+
+
+# ---------------------------------------------------------------------------------------------
+# the task as supervised data, and a sampling eval of a model on it
+
+
+def spaced_walk(walk: str) -> str:
+    """``"bha"`` -> ``"b h a"``. SmolLM2's tokenizer merges runs of letters ("dfa" -> "df", "a");
+    with spaces every node is one token (" h", " a"), as trlX's character-level vocabulary has it.
+    The random-walks metric ignores spaces, so scored text needs no undoing."""
+    return " ".join(walk)
+
+
+def randomwalk_rows(**task_kwargs) -> list[dict]:
+    """The random-walks demonstrations as prompt/completion rows: the start node is the prompt,
+    the rest of the walk (space-separated) the completion: ``{"prompt": "b", "completion": " h a"}``."""
+    task = generate_random_walks(**task_kwargs)
+    return [{"prompt": w[0], "completion": spaced_walk(w)[1:]} for w in task.walks]
+
+
+def walk_is_legal(task: "RandomWalksTask", text: str) -> bool:
+    """A legal walk: known nodes, every step along an edge of the graph, at most max_length nodes."""
+    nodes = [c for c in text if c not in "| \t\n"]
+    if not nodes or len(nodes) > task.max_length:
+        return False
+    ix = [string.ascii_lowercase.find(c) for c in nodes]
+    if any(i < 0 or i >= task.n_nodes for i in ix):
+        return False
+    return all(bool(task.adjacency[a, b]) for a, b in zip(ix, ix[1:]))
+
+
+def randomwalk_eval(model, tok, task_kwargs: dict, samples_per_prompt: int, gen, batch_size: int = 64,
+                    seed: int = 0) -> dict:
+    """Sample ``samples_per_prompt`` walks from every start node (``gen``: an
+    ``ankus.generation.GenerationConfig``): the fraction of legal walks, of legal walks that
+    reach the goal, and the mean optimality (trlX's metric), plus ``_examples``."""
+    import torch
+
+    from ankus.generation import generate
+
+    task = generate_random_walks(**task_kwargs)
+    prompts = [p for p in task.prompts for _ in range(samples_per_prompt)]
+    with torch.no_grad():
+        outs = generate(model, tok, prompts, gen, generator=torch.Generator().manual_seed(seed),
+                        batch_size=batch_size).texts
+    samples = [p + o for p, o in zip(prompts, outs)]
+    legal = [walk_is_legal(task, s) for s in samples]
+    opt = task.reward_fn(samples)
+    goal = string.ascii_lowercase[task.goal]
+    return {"legal_fraction": sum(legal) / len(samples),
+            "reach_goal_fraction": sum(1 for s, ok in zip(samples, legal) if ok and goal in s) / len(samples),
+            "optimality": sum(opt) / len(opt), "_examples": samples[:8]}
+
+
+def warm_start(model, tok, *, steps: int, lr: float, batch_size: int, seed: int, walks_seed: int = 1000,
+               progress: bool = True) -> float:
+    """A short supervised fit of ``model`` on the task's walks (trlX's random-walks model is
+    pretrained on walks; this fits one in a few seconds): ``steps`` AdamW steps on batches drawn
+    by ``random.Random(seed)``, each walk followed by EOS. Returns the last loss."""
+    import random
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from ankus.losses.sft import sft_loss
+
+    walks = generate_random_walks(seed=walks_seed).walks
+    # one token per node: a letter tokenizer takes "bha" as is; SmolLM2's would merge it into "bh"+"a"
+    spaced = len(tok(walks[0], add_special_tokens=False).input_ids) != len(walks[0])
+    texts = [spaced_walk(w) if spaced else w for w in walks]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    rng = random.Random(seed)
+    loss = torch.tensor(float("nan"))
+    for _ in tqdm(range(steps), desc="warm start", disable=not progress):
+        batch = rng.sample(texts, min(batch_size, len(texts)))
+        enc = tok([t + tok.eos_token for t in batch], return_tensors="pt", padding=True, padding_side="right")
+        enc = enc.to(next(model.parameters()).device)
+        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+        loss, _ = sft_loss(logits, enc.input_ids, enc.attention_mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss.detach())

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["sentiment_reward", "compound_scores"]
+__all__ = ["sentiment_reward", "compound_scores", "sentiment_eval"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,3 +40,21 @@ def sentiment_reward(samples: list[str], prompts: list[str] | None = None,
     """
     texts = outputs if outputs is not None else samples
     return compound_scores(list(texts))
+
+
+def sentiment_eval(model, tok, template: str, samples_per_prompt: int, gen, batch_size: int = 64,
+                   seed: int = 0) -> dict:
+    """Mean VADER compound score of samples (``gen``: an ``ankus.generation.GenerationConfig``)
+    on the held-out review openings, each formatted with ``template`` ({prompt} = the opening),
+    plus ``_examples``."""
+    import torch
+
+    from ankus.data.assets import review_openings
+    from ankus.generation import generate
+
+    prompts = [template.format(prompt=p) for p in review_openings("eval") for _ in range(samples_per_prompt)]
+    with torch.no_grad():
+        texts = generate(model, tok, prompts, gen, generator=torch.Generator().manual_seed(seed),
+                         batch_size=batch_size).texts
+    scores = compound_scores(texts)
+    return {"vader": sum(scores) / len(scores), "_examples": texts[:4]}

@@ -11,6 +11,12 @@ Divergence", 2020) estimate KL(π ‖ π_ref) = E_{x~π}[r]:
 Note: trlX's logged KL uses exp(r) − 1 − r with the same r; that is k3 for the other
 direction (it is unbiased for KL(π_ref ‖ π) only under samples from π_ref), so its
 numbers are not comparable with ``kl_k3`` here.
+
+Where the KL coefficient β enters, one function per advantage estimator of the PPO trainer:
+
+    gae   per_token_rewards        rewards_t = −β·k1_t (+ the score at the last token)
+    rloo  kl_penalised_scores      sequence reward R − β·Σ_t k1_t (Ahmadian et al. 2024)
+    grpo  kl_loss                  β·mean_t k3_t added to the loss (Shao et al. 2024)
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from typing import Literal, Mapping
 
 import torch
 from torch import Tensor
+
+from ankus.rl.stats import masked_mean
 
 
 def kl_k1(logps: Tensor, ref_logps: Tensor) -> Tensor:
@@ -87,6 +95,25 @@ def per_token_rewards(
     return rewards, kl
 
 
+def response_kl(logps: Tensor, ref_logps: Tensor, mask: Tensor) -> Tensor:
+    """k1 per response token, 0 on padding. (B, N) x 3 -> (B, N); ``.sum(1)`` is a sequence's KL."""
+    return (logps - ref_logps) * mask
+
+
+def kl_penalised_scores(scores: Tensor, kl: Tensor, kl_coef: float | Tensor) -> Tensor:
+    """RLOO's KL-shaped sequence reward R − β·Σ_t kl_t. scores (B,), kl (B, N) -> (B,)."""
+    return scores - kl_coef * kl.sum(1)
+
+
+def kl_loss(logps: Tensor, ref_logps: Tensor, mask: Tensor, kl_coef: float | Tensor) -> tuple[Tensor, Tensor]:
+    """GRPO's KL term: (β·L, L) with L = the mean of k3 over response tokens (scalars).
+
+    logps (B, N) with grad, ref_logps (B, N), mask (B, N). The gradient flows through ``logps``.
+    """
+    loss = masked_mean(kl_k3(logps, ref_logps), mask)  # ()
+    return kl_coef * loss, loss
+
+
 class FixedKLController:
     """A constant KL coefficient β (trlX's choice when no KL target is set)."""
 
@@ -130,3 +157,9 @@ class AdaptiveKLController:
         self.value = float(state["value"])
         self.target = float(state.get("target", self.target))
         self.horizon = float(state.get("horizon", self.horizon))
+
+
+def kl_controller(init_kl_coef: float, target: float | None = None,
+                  horizon: float = 10000) -> FixedKLController | AdaptiveKLController:
+    """β's controller: adaptive towards ``target`` when one is given, else fixed at ``init_kl_coef``."""
+    return FixedKLController(init_kl_coef) if target is None else AdaptiveKLController(init_kl_coef, target, horizon)

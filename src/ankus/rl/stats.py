@@ -162,3 +162,23 @@ class RunningMoments:
         self.mean = float(state["mean"])
         self.var = float(state["var"])
         self.count = float(state["count"])
+
+
+def scale_scores(scores: Tensor, mode: str, running: RunningMoments,
+                 ref_std: float | None) -> tuple[Tensor, float | None]:
+    """Reward scaling (trlX's ``scale_reward``) -> (scaled scores, ``ref_std``).
+
+    scores: (B,) sequence scores or (B, T) per-token scores (a row's sum is its sequence score).
+    ``"none"``: as they are; ``"running"``: divided by the running std of sequence scores, after
+    ``running`` takes this batch; ``"ref"``: divided by ``ref_std``, set from the first batch's std.
+    """
+    seq = scores if scores.dim() == 1 else scores.sum(1)  # (B,)
+    if mode == "running":
+        running.update(seq)
+        return scores / max(running.std, 1e-8), ref_std
+    if mode == "ref":
+        ref_std = ref_std or max(float(seq.std()), 1e-8)
+        return scores / ref_std, ref_std
+    if mode != "none":
+        raise ValueError(f"unknown scale_reward '{mode}'; expected none, running or ref")
+    return scores, ref_std

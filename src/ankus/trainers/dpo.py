@@ -39,27 +39,29 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ankus.data.tokens import pad_id as pad_token
 from ankus import distributed
 from ankus.checkpoint import GracefulExit, NonFiniteGuard, latest_checkpoint, load_checkpoint, save_checkpoint
-from ankus.config import ModelConfig, RunConfig, TrainerConfig
-from ankus.data.io import DataError, read_jsonl
+from ankus.config import ConfigError, LoRAConfig, ModelConfig, RunConfig, TrainerConfig, reject_unused
+from ankus.data.io import DataError
+from ankus.data.preferences import (PackedRows, Pair, batch_order, load_pairs, pack_rows,  # noqa: F401 (re-exported)
+                                    prefix_shared_mask, tokenize_pairs)
+from ankus.data.tokens import pad_id as pad_token
 from ankus.losses.dpo import dpo_loss, sequence_logps
 from ankus.models.loading import load_model
+from ankus.models.lora import apply_lora
+from ankus.optim import make_optimizer
 from ankus.runs import MetricsLogger, create_run_dir, plot_metrics, save_hf_model, truncate_metrics
 
 __all__ = [
-    "Config", "DPOMethod", "PreferenceData", "Pair", "PackedRows", "train", "load_pairs", "tokenize_pairs",
+    "Config", "DPOMethod", "PreferenceData", "Pair", "PackedRows", "train", "check_config", "load_pairs", "tokenize_pairs",
     "pack_rows", "prefix_shared_mask", "packed_logps", "padded_logps", "policy_logps", "reference_logps", "batch_order",
 ]
-
-_ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 @dataclass
@@ -80,14 +82,6 @@ class DPOMethod:
     """Packed row length (a longer pair gets a row of its own); 0 = one row per micro-batch."""
     disable_dropout: bool = True
     """Zero every dropout probability, so policy and reference agree at step 0."""
-    lora: bool = False
-    """Train LoRA adapters; the reference is the model with adapters disabled."""
-    lora_r: int = 8
-    """LoRA rank."""
-    lora_alpha: int = 16
-    """LoRA alpha."""
-    lora_dropout: float = 0.0
-    """LoRA dropout."""
 
 
 @dataclass
@@ -110,6 +104,8 @@ class Config:
     """Optimisation; batch_size counts preference pairs."""
     method: DPOMethod = field(default_factory=DPOMethod)
     """DPO hyper-parameters."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters instead of full fine-tuning; the reference is the model with adapters disabled."""
     data: PreferenceData = field(default_factory=PreferenceData)
     """Preference pairs."""
     run: RunConfig = field(default_factory=RunConfig)
@@ -117,209 +113,7 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# data
-
-
-@dataclass
-class Pair:
-    """One tokenized preference pair; the completions exclude the prompt."""
-
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-
-    def __len__(self) -> int:  # tokens in the packed layout
-        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
-
-
-def load_pairs(path: str) -> list[dict]:
-    """Rows of a preference JSONL file (or of a built-in set), with file/line/field errors."""
-    source = Path(path)
-    if not source.exists() and (_ASSETS / f"{path}.jsonl").exists():
-        source = _ASSETS / f"{path}.jsonl"
-    return read_jsonl(source, required=("prompt", "chosen", "rejected"))
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _chat_ids(tok, messages: list[dict], generation_prompt: bool) -> list[int]:
-    out = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
-    return list(out["input_ids"] if isinstance(out, Mapping) else out)
-
-
-def tokenize_pairs(rows: Sequence[dict], tok, chat_template: bool | None = None, max_length: int = 1024,
-                   where: str = "data") -> list[Pair]:
-    """Token ids of prompt, chosen and rejected for each row.
-
-    The prompt alone and prompt + completion are tokenized separately and split where they first
-    differ: a chat template may render the end of the prompt differently once an answer follows,
-    and plain-text tokens may merge across the boundary. Completions longer than ``max_length``
-    minus the prompt are cut.
-    """
-    use_chat = bool(getattr(tok, "chat_template", None)) if chat_template is None else chat_template
-    if use_chat and not getattr(tok, "chat_template", None):
-        raise DataError("data.chat_template is true but the tokenizer has no chat template")
-    pairs = []
-    for i, row in enumerate(rows):
-        if use_chat:
-            head = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
-            head.append({"role": "user", "content": row["prompt"]})
-            prompt = _chat_ids(tok, head, True)
-            full = [_chat_ids(tok, head + [{"role": "assistant", "content": row[k]}], False)
-                    for k in ("chosen", "rejected")]
-        else:
-            prompt = tok(row["prompt"])["input_ids"]
-            full = [tok(row["prompt"] + row[k] + tok.eos_token)["input_ids"] for k in ("chosen", "rejected")]
-        n = min(_common_prefix(prompt, f) for f in full)
-        if n == 0:
-            raise DataError(f"{where}, row {i + 1}: the prompt shares no token with prompt + completion, so the "
-                            "first completion token has nothing to condition on")
-        if n >= max_length:
-            raise DataError(f"{where}, row {i + 1}: the prompt has {n} tokens, leaving no room for a completion in "
-                            f"data.max_length={max_length}; shorten it or raise data.max_length")
-        chosen, rejected = (f[n:max_length] for f in full)
-        for name, ids in (("chosen", chosen), ("rejected", rejected)):
-            if not ids:
-                raise DataError(f"{where}, row {i + 1}: field '{name}' adds no token after the prompt")
-        pairs.append(Pair(prompt[:n], chosen, rejected))
-    return pairs
-
-
-def batch_order(n: int, batch_size: int, step: int, seed: int, shuffle: bool) -> list[int]:
-    """Indices of the pairs in optimizer step ``step`` (0-based). The stream is one permutation
-    per epoch, seeded by (seed, epoch), so any step's batch is known without replaying the run:
-    a resumed run sees exactly the batches the uninterrupted one would have."""
-    out = []
-    pos = step * batch_size
-    while len(out) < batch_size:
-        epoch, offset = divmod(pos, n)
-        if shuffle:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
-        else:
-            perm = list(range(n))
-        take = perm[offset:offset + batch_size - len(out)]
-        out += take
-        pos += len(take)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# packed layout: [prompt | chosen | rejected] per pair, pairs back to back
-
-
-@dataclass
-class PackedRows:
-    """Pairs packed into rows (usually one row per micro-batch).
-
-    Attributes:
-        input_ids, position_ids: (R, L); padding only where rows differ in length.
-        segment: (R, L) pair index of each token (-1 for padding).
-        part: (R, L) 0 prompt, 1 chosen, 2 rejected (-1 padding).
-        keep: (R, L) bool, positions whose logits are needed (they predict a completion token).
-        predictor: (K,) for each completion token, its predicting position among ``keep``'s True
-            entries (row-major); the last prompt token predicts both first completion tokens.
-        labels: (K,) the completion tokens.
-        seq_index: (K,) output sequence of each token: pair i's chosen is i, its rejected n + i.
-        n_pairs: n.
-    """
-
-    input_ids: Tensor
-    position_ids: Tensor
-    segment: Tensor
-    part: Tensor
-    keep: Tensor
-    predictor: Tensor
-    labels: Tensor
-    seq_index: Tensor
-    n_pairs: int
-
-    @property
-    def n_tokens(self) -> int:
-        return int((self.segment >= 0).sum())
-
-
-def pack_rows(pairs: Sequence[Pair], pad_id: int, max_row_tokens: int = 0) -> PackedRows:
-    """Lay pairs out as ``[prompt | chosen | rejected]`` back to back, in rows of at most
-    ``max(max_row_tokens, longest pair)`` tokens (0 = everything in one row).
-
-    Rows are filled first-fit, longest pair first, so they end up nearly equally long and little
-    padding is left. Why rows at all: attention over a row costs its length squared, and a
-    token only needs its own pair, so eight 58-token pairs in two rows cost half the attention
-    of one 464-token row (measured ~13% faster per step on SmolLM2-135M, CPU).
-    """
-    capacity = max(max_row_tokens, max(len(p) for p in pairs)) if max_row_tokens else sum(len(p) for p in pairs)
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(pairs)), key=lambda j: -len(pairs[j])):
-        r = next((r for r, free in enumerate(room) if free >= len(pairs[i])), None)
-        if r is None:
-            rows.append([])
-            room.append(capacity)
-            r = len(rows) - 1
-        rows[r].append(i)
-        room[r] -= len(pairs[i])
-    rows = [sorted(row) for row in rows]  # file order inside a row (only cosmetic)
-    L = max(sum(len(pairs[j]) for j in row) for row in rows)
-    R, n = len(rows), len(pairs)
-    input_ids = torch.full((R, L), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((R, L), dtype=torch.long)
-    segment = torch.full((R, L), -1, dtype=torch.long)
-    part = torch.full((R, L), -1, dtype=torch.long)
-    keep = torch.zeros((R, L), dtype=torch.bool)
-    # (row, position) of the predicting token, completion token, output sequence
-    pred_at, labels, seq_index = [], [], []
-    for r, row in enumerate(rows):
-        t = 0
-        for i in row:
-            p = pairs[i]
-            P = len(p.prompt_ids)
-            for k, ids in enumerate((p.prompt_ids, p.chosen_ids, p.rejected_ids)):
-                m = len(ids)
-                start_pos = 0 if k == 0 else P  # both completions continue the prompt
-                input_ids[r, t:t + m] = torch.tensor(ids)
-                position_ids[r, t:t + m] = torch.arange(start_pos, start_pos + m)
-                segment[r, t:t + m] = i
-                part[r, t:t + m] = k
-                if k > 0:
-                    # token j of the completion is predicted by the token before it in its own
-                    # sequence: the prompt's last token for j = 0, else completion token j - 1
-                    preds = [t_prompt_end] + list(range(t, t + m - 1))
-                    for j, q in enumerate(preds):
-                        pred_at.append((r, q))
-                        labels.append(ids[j])
-                        seq_index.append(i if k == 1 else n + i)
-                        keep[r, q] = True
-                else:
-                    t_prompt_end = t + m - 1
-                t += m
-    # rank of each kept position in row-major order = its row in the logits the model returns
-    rank = torch.full((R, L), -1, dtype=torch.long)
-    rank[keep] = torch.arange(int(keep.sum()))
-    predictor = torch.tensor([int(rank[r, q]) for r, q in pred_at], dtype=torch.long)
-    return PackedRows(input_ids, position_ids, segment, part, keep, predictor,
-                      torch.tensor(labels, dtype=torch.long), torch.tensor(seq_index, dtype=torch.long), n)
-
-
-def prefix_shared_mask(segment: Tensor, part: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive attention mask (R, 1, L, L): query i sees key j iff both belong to the same pair,
-    j <= i, and j is a prompt token or in i's own completion. A padding token sees only itself
-    (a row with no visible key would give NaNs)."""
-    R, L = segment.shape
-    idx = torch.arange(L)
-    causal = idx[None, :] <= idx[:, None]  # (L, L)
-    same_pair = segment[:, :, None] == segment[:, None, :]  # (R, L, L)
-    visible_part = (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])  # (R, L, L)
-    allowed = causal & same_pair & visible_part & (segment[:, None, :] >= 0)
-    allowed |= torch.eye(L, dtype=torch.bool)  # padding rows: attend to self
-    bias = torch.zeros((R, 1, L, L), dtype=dtype)
-    return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+# log-probs of pairs (layouts: ankus.data.preferences)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -430,7 +224,7 @@ def _live_reference(model: nn.Module, lora: bool):
 
 
 def _sharded_reference_logps(model: nn.Module, pairs: list[Pair], pad_id: int, packing: bool, average: bool,
-                             m: DPOMethod) -> tuple[Tensor, Tensor]:
+                             m: DPOMethod, lora: bool) -> tuple[Tensor, Tensor]:
     """:func:`reference_logps` of every pair, the work split over processes. The pairs are cut into
     the very forwards one process would run (sorted by length, ``ref_batch_size`` at a time) and
     each process runs a contiguous block of them, so every value is computed exactly as a single
@@ -439,13 +233,46 @@ def _sharded_reference_logps(model: nn.Module, pairs: list[Pair], pad_id: int, p
     batches = [order[s:s + m.ref_batch_size] for s in range(0, len(order), m.ref_batch_size)]
     mine = [i for batch in distributed.shard(batches) for i in batch]  # already sorted: reference_logps keeps it
     chosen, rejected = reference_logps(model, [pairs[i] for i in mine], pad_id, m.ref_batch_size, packing, average,
-                                       m.lora, m.row_tokens)
+                                       lora, m.row_tokens)
     # the blocks in rank order are ``order`` again
     index = torch.tensor(order, dtype=torch.long)
     ref_chosen, ref_rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
     ref_chosen[index] = distributed.all_gather_cat(chosen).cpu()
     ref_rejected[index] = distributed.all_gather_cat(rejected).cpu()
     return ref_chosen, ref_rejected
+
+
+def check_config(cfg: Config) -> None:
+    """Reject settings this trainer would ignore: a :class:`ConfigError` names the field."""
+    m = cfg.method
+    if not m.precompute_ref:
+        reject_unused(m, ["ref_batch_size"], "dpo", "unless method.precompute_ref is true", "method")
+    if not m.packing:
+        reject_unused(m, ["row_tokens"], "dpo", "unless method.packing is true", "method")
+    if m.loss_type != "sigmoid":
+        reject_unused(m, ["label_smoothing"], "dpo", "unless method.loss_type is sigmoid", "method")
+    if not cfg.lora.enabled:
+        reject_unused(cfg.lora, ["r", "alpha", "dropout", "target"], "dpo", "unless lora.enabled is true", "lora")
+    if cfg.trainer.fsdp and (cfg.lora.enabled or not m.precompute_ref):
+        raise ConfigError("trainer.fsdp in the dpo trainer needs method.precompute_ref=true and lora.enabled=false "
+                          "(a live reference copy and LoRA adapters are not sharded)")
+
+
+def _references(model, pairs: list[Pair], pad_id: int, packing: bool, average: bool, cfg: Config, run_dir: Path,
+                resume: bool):
+    """(ref_chosen, ref_rejected, None) precomputed -- once, before any update, or loaded back when
+    resuming -- or (None, None, live reference model) for ``precompute_ref: false``."""
+    m, lora = cfg.method, cfg.lora.enabled
+    ref_path = run_dir / "ref_logps.pt"
+    if m.precompute_ref and resume and ref_path.exists():
+        saved = torch.load(ref_path, weights_only=True)
+        return saved["chosen"], saved["rejected"], None
+    if m.precompute_ref:
+        ref_chosen, ref_rejected = _sharded_reference_logps(model, pairs, pad_id, packing, average, m, lora)
+        # kept in the run directory: after the first update the policy is no longer the reference
+        distributed.on_main(torch.save, {"chosen": ref_chosen, "rejected": ref_rejected}, ref_path)
+        return ref_chosen, ref_rejected, None
+    return None, None, _live_reference(model, lora)
 
 
 def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, tokenizer=None) -> dict[str, Any]:
@@ -455,12 +282,10 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
     otherwise ``cfg.model.spec`` is loaded. Under several processes (torchrun, accelerate launch)
     each takes ``trainer.batch_size`` pairs of the same global batch (see ankus.distributed).
     """
+    check_config(cfg)
     m, tc = cfg.method, cfg.trainer
     ds = distributed.setup(fsdp_ok=True, shard=tc.fsdp)
     sharded = distributed.use_fsdp(tc.fsdp)
-    if sharded and (m.lora or not m.precompute_ref):
-        raise ValueError("trainer.fsdp needs method.precompute_ref=true and method.lora=false (a live reference "
-                         "copy and LoRA adapters are not sharded)")
     torch.manual_seed(tc.seed)
     run_dir = distributed.on_main(create_run_dir, cfg.run, "dpo", cfg, exist_ok=resume)
     if model is None:  # a model passed in stays on its device
@@ -468,44 +293,25 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
                                       device=distributed.resolve_device(tc.device))
     tok = tokenizer
     pad_id = pad_token(tok)
-    rows = load_pairs(cfg.data.path)
-    pairs = tokenize_pairs(rows, tok, cfg.data.chat_template, cfg.data.max_length, where=cfg.data.path)
+    pairs = tokenize_pairs(load_pairs(cfg.data.path), tok, cfg.data.chat_template, cfg.data.max_length,
+                           where=cfg.data.path)
     if not pairs:
         raise DataError(f"{cfg.data.path}: no preference pairs")
     if m.disable_dropout:
         _disable_dropout(model)
-    if m.lora:
-        from ankus.config import LoRAConfig
-        from ankus.models.lora import apply_lora
-
-        model = apply_lora(model, LoRAConfig(True, m.lora_r, m.lora_alpha, m.lora_dropout))
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
     average = m.loss_type == "ipo"  # IPO's target 1/(2 beta) is on the per-token scale
     packing = m.packing and getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
-
-    # -- reference log-probs: once, before any update (or loaded back when resuming) --------------
-    ref_path = run_dir / "ref_logps.pt"
     t_ref = time.perf_counter()
-    ref_model = None
-    if m.precompute_ref and resume and ref_path.exists():
-        saved = torch.load(ref_path, weights_only=True)
-        ref_chosen, ref_rejected = saved["chosen"], saved["rejected"]
-    elif m.precompute_ref:
-        ref_chosen, ref_rejected = _sharded_reference_logps(model, pairs, pad_id, packing, average, m)
-        # kept in the run directory: after the first update the policy is no longer the reference
-        distributed.on_main(torch.save, {"chosen": ref_chosen, "rejected": ref_rejected}, ref_path)
-    else:
-        ref_model = _live_reference(model, m.lora)
+    ref_chosen, ref_rejected, ref_model = _references(model, pairs, pad_id, packing, average, cfg, run_dir, resume)
     t_ref = time.perf_counter() - t_ref
     if sharded:  # after the reference pass (which each process ran on its own full copy)
         distributed.fsdp_wrap(model)
 
     params = [p for p in model.parameters() if p.requires_grad]
     # the fused kernel updates every tensor in one pass (CPU and CUDA): a few times less optimizer time
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay,
-                            fused=fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else 1.0)
+    opt, sched = make_optimizer(params, tc, fused=True)
     start = 0
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
@@ -519,54 +325,14 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
         if ref_model is None:
             dev = _model_device(model)
             return ref_chosen[mb].to(dev), ref_rejected[mb].to(dev)
-        with torch.no_grad(), (ref_model.disable_adapter() if m.lora else nullcontext()):
+        with torch.no_grad(), (ref_model.disable_adapter() if cfg.lora.enabled else nullcontext()):
             return policy_logps(ref_model, batch, pad_id, packing, average, m.row_tokens)
 
-    logger = distributed.main_only(lambda: MetricsLogger(run_dir / "metrics.jsonl"))
-    guard = NonFiniteGuard(tc.max_bad_steps)
-    model.train()
-    history: list[dict] = []
-    bar = tqdm(range(start, tc.total_steps), desc="dpo", disable=not cfg.run.progress or not ds.is_main)
-    stopping = False
-    with GracefulExit() as stop:
-        for step in bar:
-            t0 = time.perf_counter()
-            # one global batch of batch_size x processes pairs; this process takes its block
-            global_idx = batch_order(len(pairs), tc.batch_size * ds.world_size, step, tc.seed, cfg.data.shuffle)
-            idx = list(distributed.shard(global_idx))
-            metrics = _accumulate_gradients(model, pairs, idx, refs, pad_id, packing, average, cfg, len(global_idx))
-            if not sharded:  # FSDP has reduce-scattered (summed) the gradients already
-                distributed.sync_gradients(params)  # summed: each process's loss was scaled by its share
-            loss = metrics["loss"]
-            # max_norm <= 0 still returns the norm, which the guard checks
-            grad_norm = distributed.clip_grad_norm(params, tc.max_grad_norm)
-            metrics.update(grad_norm=float(grad_norm), lr=opt.param_groups[0]["lr"])
-            if guard.check(loss, grad_norm):  # raises NonFiniteError after max_bad_steps in a row
-                opt.step()
-                sched.step()
-            else:
-                metrics["skipped"] = 1.0
-            opt.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            metrics.update({"perf/step_s": dt, "perf/tokens_per_s": metrics.pop("tokens") / max(dt, 1e-9)})
-            history.append(metrics)
-            if (step + 1) % tc.log_every == 0 or step == tc.total_steps - 1:
-                logger.log(step + 1, metrics)
-            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics['rewards/accuracy']:.2f}")
-            done = step + 1 == tc.total_steps
-            stopping = distributed.any_rank(stop.requested)  # a signal that reached one process stops all
-            if stopping or done or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0):
-                rngs = distributed.rank_rng_states()
-                model_view, opt_view = distributed.checkpoint_views(model, opt)  # FSDP: gathered full state
-                distributed.on_main(save_checkpoint, run_dir, step + 1, modules={"model": model_view},
-                                    optimizer=opt_view, scheduler=sched, generators=rngs, keep_last=tc.keep_last)
-            if stopping:
-                if ds.is_main:
-                    print(f"stopped at step {step + 1}; continue with: ankus train <recipe> run.name={run_dir.name} "
-                          f"run.out_dir={cfg.run.out_dir} --resume")
-                break
-    logger.close()
+    def step_fn(step: int) -> dict[str, Any]:
+        return _step(model, params, opt, sched, guard, pairs, refs, pad_id, packing, average, cfg, step, sharded)
 
+    guard = NonFiniteGuard(tc.max_bad_steps)
+    history, stopping = _loop(cfg, model, opt, sched, step_fn, start, run_dir)
     distributed.on_main(plot_metrics, run_dir,
                         ["loss", "rewards/margins", "rewards/accuracy", "rewards/chosen", "rewards/rejected"],
                         title=f"DPO ({m.loss_type}, beta={m.beta})")
@@ -583,6 +349,63 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
         "median_step_s": step_s[len(step_s) // 2] if step_s else math.nan,
         "skipped_steps": guard.skipped,
     }
+
+
+def _step(model, params, opt, sched, guard, pairs: list[Pair], refs, pad_id: int, packing: bool, average: bool,
+          cfg: Config, step: int, sharded: bool) -> dict[str, Any]:
+    """Optimizer step ``step``: its global batch, this process's block, forward/backward, the update."""
+    tc, ds = cfg.trainer, distributed.state()
+    t0 = time.perf_counter()
+    # one global batch of batch_size x processes pairs; this process takes its block
+    global_idx = batch_order(len(pairs), tc.batch_size * ds.world_size, step, tc.seed, cfg.data.shuffle)
+    idx = list(distributed.shard(global_idx))
+    metrics = _accumulate_gradients(model, pairs, idx, refs, pad_id, packing, average, cfg, len(global_idx))
+    if not sharded:  # FSDP has reduce-scattered (summed) the gradients already
+        distributed.sync_gradients(params)  # summed: each process's loss was scaled by its share
+    # max_norm <= 0 still returns the norm, which the guard checks
+    grad_norm = distributed.clip_grad_norm(params, tc.max_grad_norm)
+    metrics.update(grad_norm=float(grad_norm), lr=opt.param_groups[0]["lr"])
+    if guard.check(metrics["loss"], grad_norm):  # raises NonFiniteError after max_bad_steps in a row
+        opt.step()
+        sched.step()
+    else:
+        metrics["skipped"] = 1.0
+    opt.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    metrics.update({"perf/step_s": dt, "perf/tokens_per_s": metrics.pop("tokens") / max(dt, 1e-9)})
+    return metrics
+
+
+def _loop(cfg: Config, model, opt, sched, step_fn, start: int, run_dir: Path) -> tuple[list[dict], bool]:
+    """Steps ``start`` .. ``total_steps`` with logging and checkpoints; returns the steps' metrics
+    and whether a signal stopped the run."""
+    tc, ds = cfg.trainer, distributed.state()
+    logger = distributed.main_only(lambda: MetricsLogger(run_dir / "metrics.jsonl"))
+    model.train()
+    history: list[dict] = []
+    bar = tqdm(range(start, tc.total_steps), desc="dpo", disable=not cfg.run.progress or not ds.is_main)
+    stopping = False
+    with GracefulExit() as stop:
+        for step in bar:
+            metrics = step_fn(step)
+            history.append(metrics)
+            if (step + 1) % tc.log_every == 0 or step == tc.total_steps - 1:
+                logger.log(step + 1, metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracy']:.2f}")
+            done = step + 1 == tc.total_steps
+            stopping = distributed.any_rank(stop.requested)  # a signal that reached one process stops all
+            if stopping or done or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0):
+                rngs = distributed.rank_rng_states()
+                model_view, opt_view = distributed.checkpoint_views(model, opt)  # FSDP: gathered full state
+                distributed.on_main(save_checkpoint, run_dir, step + 1, modules={"model": model_view},
+                                    optimizer=opt_view, scheduler=sched, generators=rngs, keep_last=tc.keep_last)
+            if stopping:
+                if ds.is_main:
+                    print(f"stopped at step {step + 1}; continue with: ankus train <recipe> run.name={run_dir.name} "
+                          f"run.out_dir={cfg.run.out_dir} --resume")
+                break
+    logger.close()
+    return history, stopping
 
 
 def _accumulate_gradients(model, pairs: list[Pair], idx: list[int], refs, pad_id: int, packing: bool,

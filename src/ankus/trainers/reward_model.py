@@ -30,17 +30,18 @@ from tqdm.auto import tqdm
 
 from ankus.data.tokens import pad_id as pad_token
 from ankus import distributed
-from ankus.config import ModelConfig, RunConfig, TrainerConfig
-from ankus.data.batching import BatchingMode, Example, make_batch, packing_is_exact
+from ankus.config import ConfigError, LoRAConfig, ModelConfig, RunConfig, TrainerConfig, reject_unused
+from ankus.data.batching import BatchingMode, Example, make_batch, micro_batches, packing_is_exact, split_eval, step_batches
 from ankus.data.io import DataError
 from ankus.losses.reward import bradley_terry_loss
 from ankus.models.heads import ValueHead
 from ankus.models.loading import load_model
+from ankus.models.lora import apply_lora
+from ankus.optim import make_optimizer
 from ankus.rewards.model import FORMAT, HEAD_FILE, META_FILE, sequence_rewards, tokenize_response
 from ankus.runs import MetricsLogger, create_run_dir, plot_metrics, save_hf_model, truncate_metrics
-from ankus.trainers.sft import make_optimizer, maybe_apply_lora, split_eval, step_batches
 
-__all__ = ["RMData", "RMMethod", "Config", "train", "synthetic_preferences", "load_pairs", "pair_rewards",
+__all__ = ["RMData", "RMMethod", "Config", "train", "check_config", "synthetic_preferences", "load_pairs", "pair_rewards",
            "evaluate_pairs"]
 
 
@@ -73,24 +74,10 @@ class RMData:
 class RMMethod:
     margin: float = 0.0
     """Bradley–Terry margin m in −log σ(r_c − r_r − m) (Llama 2); 0 = the plain loss."""
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    """LR after warm-up: constant, or cosine decay to min_lr_ratio x lr at total_steps."""
-    min_lr_ratio: float = 0.1
-    """Final LR as a fraction of trainer.lr (cosine only)."""
     eval_every: int = 50
     """Held-out accuracy every this many steps; 0 = at the end only."""
     eval_batch_size: int = 64
     """Pairs per forward in evaluation."""
-    lora: bool = False
-    """Train LoRA adapters on the trunk (the head is always trained in full)."""
-    lora_r: int = 8
-    """LoRA rank."""
-    lora_alpha: int = 16
-    """LoRA alpha (the update is scaled by alpha / r)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input."""
-    lora_target: list[str] = field(default_factory=list)
-    """Module names to adapt; empty = every linear layer but the output head."""
 
 
 @dataclass
@@ -102,7 +89,9 @@ class Config:
     data: RMData = field(default_factory=RMData)
     """Preference pairs."""
     method: RMMethod = field(default_factory=RMMethod)
-    """Loss margin, LR schedule, eval cadence, LoRA."""
+    """Loss margin, eval cadence."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters on the trunk (the head is always trained in full); the saved trunk has them merged."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run directory."""
 
@@ -246,35 +235,103 @@ def save_reward_model(trunk, head: ValueHead, tok, path: Path, meta: dict) -> Pa
 # training
 
 
-def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """Fit a reward model; returns a summary (run_dir, held-out accuracy before and after)."""
-    from ankus.checkpoint import GracefulExit, NonFiniteGuard, latest_checkpoint, load_checkpoint, save_checkpoint
+def check_config(cfg: Config) -> None:
+    """Reject settings this trainer would ignore: a :class:`ConfigError` names the field."""
+    d = cfg.data
+    if d.name != "synthetic":
+        reject_unused(d, ["kwargs"], "reward_model", "unless data.name is synthetic", "data")
+    if d.name == "synthetic" or d.eval_name:
+        reject_unused(d, ["eval_fraction"], "reward_model", "when the held-out pairs come from data.eval_name or "
+                      "the synthetic set's own split", "data")
+    if d.name == "synthetic" and not d.eval_name:
+        reject_unused(d, ["prompt_field", "chosen_field", "rejected_field"], "reward_model",
+                      "for the synthetic set (only for JSONL files)", "data")
+    if d.batching != "pack":
+        reject_unused(d, ["pack_length"], "reward_model", "unless data.batching is pack", "data")
+    if not cfg.lora.enabled:
+        reject_unused(cfg.lora, ["r", "alpha", "dropout", "target"], "reward_model", "unless lora.enabled is true",
+                      "lora")
+    elif cfg.trainer.fsdp:
+        raise ConfigError("trainer.fsdp with lora.enabled is not supported by the reward_model trainer: LoRA "
+                          "adapters are small, train them data parallel (trainer.fsdp=false)")
 
-    tc, d, m = cfg.trainer, cfg.data, cfg.method
-    ds = distributed.setup(fsdp_ok=True, shard=tc.fsdp)
-    sharded = distributed.use_fsdp(tc.fsdp)
-    if sharded and m.lora:
-        raise ValueError("trainer.fsdp with method.lora is not supported: LoRA adapters are small, train them data "
-                         "parallel (trainer.fsdp=false)")
-    random.seed(tc.seed)
-    torch.manual_seed(tc.seed)
-    run_dir = distributed.on_main(create_run_dir, cfg.run, "reward_model", cfg, exist_ok=resume)
 
-    device = distributed.resolve_device(tc.device)
-    trunk, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed, device=device)
-    pad_id = pad_token(tok)
-    train_rows, eval_rows = load_pairs(d, tc.seed)
+def _step(trunk, head, params, opt, sched, guard, pairs: list[tuple[Example, Example]], indices: list[int],
+          n_global: int, pad_id: int, mode: BatchingMode, cfg: Config, sharded: bool) -> dict[str, Any]:
+    """One optimizer step over this process's block ``indices`` of a global batch of ``n_global``
+    pairs; returns the global batch's statistics."""
+    tc, m, pack_length = cfg.trainer, cfg.method, cfg.data.pack_length
+    t0 = time.perf_counter()
+    rewards_c, rewards_r = [torch.zeros(0)], [torch.zeros(0)]
+    n_tokens = 0
+    micro = micro_batches(indices, tc.grad_accum)
+    if sharded:  # every process runs as many forwards (zero-weighted filler where it has fewer)
+        most = int(distributed.all_reduce_max(torch.tensor([float(len(micro))]))[0])
+        for _ in range(most - len(micro)):
+            c, r = pair_rewards(trunk, head, pairs[:1], pad_id, mode, pack_length)
+            ((c - r).sum() * 0.0).backward()
+    for mb in micro:
+        batch = [pairs[i] for i in mb]
+        chosen, rejected = pair_rewards(trunk, head, batch, pad_id, mode, pack_length)
+        loss, _ = bradley_terry_loss(chosen, rejected, m.margin or None)
+        # the loss is a mean over pairs: weight each micro-batch by its share of the global batch,
+        # so the gradients summed over micro-batches and processes are the batch mean's
+        (loss * len(batch) / n_global).backward()
+        rewards_c.append(chosen.detach().float().cpu())
+        rewards_r.append(rejected.detach().float().cpu())
+        n_tokens += sum(len(c) + len(r) for c, r in batch)
+    distributed.sync_gradients(params)
+    # statistics of the whole global batch, from every process's rewards (in rank order)
+    chosen_all = distributed.all_gather_cat(torch.cat(rewards_c))
+    rejected_all = distributed.all_gather_cat(torch.cat(rewards_r))
+    sums = {k: float(v) for k, v in bradley_terry_loss(chosen_all, rejected_all, m.margin or None)[1].items()}
+    n_tokens = int(distributed.sum_floats(n_tokens)[0])
+    grad_norm = (distributed.clip_grad_norm(params, tc.max_grad_norm) if tc.max_grad_norm > 0
+                 else torch.tensor(0.0))
+    if guard.check(sums["loss/rm"], grad_norm):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    lr = sched.get_last_lr()[0]
+    sched.step()
+    dt = time.perf_counter() - t0
+    return {**sums, "lr": lr, "grad_norm": float(grad_norm), "perf/tokens_per_s": n_tokens / max(dt, 1e-9),
+            "skipped_steps": guard.skipped}
+
+
+def _prepare_pairs(cfg: Config, trunk, tok) -> tuple[list, list, BatchingMode]:
+    """Tokenized (train, eval) pairs and the batching mode (bucketing where packing is not exact)."""
+    d = cfg.data
+    train_rows, eval_rows = load_pairs(d, cfg.trainer.seed)
     train_pairs = _pair_examples(tok, train_rows, d.max_length)
     eval_pairs = _pair_examples(tok, eval_rows, d.max_length)
     mode: BatchingMode = d.batching
     if mode == "pack" and not packing_is_exact(trunk):
-        if ds.is_main:
+        if distributed.is_main():
             print(f"[reward_model] {cfg.model.spec} does not isolate packed sequences; using length bucketing instead")
         mode = "bucket"
+    return train_pairs, eval_pairs, mode
+
+
+def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Fit a reward model; returns a summary (run_dir, held-out accuracy before and after)."""
+    from ankus.checkpoint import GracefulExit, NonFiniteGuard, latest_checkpoint, load_checkpoint, save_checkpoint
+
+    check_config(cfg)
+    tc, d = cfg.trainer, cfg.data
+    ds = distributed.setup(fsdp_ok=True, shard=tc.fsdp)
+    sharded = distributed.use_fsdp(tc.fsdp)
+    random.seed(tc.seed)
+    torch.manual_seed(tc.seed)
+    run_dir = distributed.on_main(create_run_dir, cfg.run, "reward_model", cfg, exist_ok=resume)
+    device = distributed.resolve_device(tc.device)
+    trunk, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed, device=device)
+    pad_id = pad_token(tok)
+    train_pairs, eval_pairs, mode = _prepare_pairs(cfg, trunk, tok)
 
     hidden_size = trunk.config.get_text_config().hidden_size
     head = ValueHead(hidden_size).to(device)  # float32 whatever the trunk's dtype (heads cast their input)
-    trunk = maybe_apply_lora(trunk, m)
+    if cfg.lora.enabled:
+        trunk = apply_lora(trunk, cfg.lora)
     if sharded:  # FSDP2: the trunk sharded over the processes, the (small) head replicated
         distributed.fsdp_wrap(trunk)
     trunk.train()
@@ -282,7 +339,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     params = trunk_params + list(head.parameters())
     # sharded (DTensor) and plain parameters in separate groups: a fused CUDA step cannot mix them
     groups = [{"params": trunk_params}, {"params": list(head.parameters())}] if sharded else params
-    opt, sched = make_optimizer(groups, tc, m.lr_schedule, m.min_lr_ratio)
+    opt, sched = make_optimizer(groups, tc)
     owner = torch.nn.ModuleDict({"model": trunk, "value_head": head})  # names the optimizer state under FSDP
 
     def views(gather: bool) -> tuple[dict, Any]:
@@ -308,79 +365,19 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     def evaluate() -> dict[str, float]:  # on rank 0 only (the replicas are identical); every rank gets it
         with distributed.full_params(trunk):  # under FSDP: gathered, so rank 0's forwards need no collective
             return distributed.on_main(evaluate_pairs, trunk, head, eval_pairs, pad_id, mode, d.pack_length,
-                                       m.eval_batch_size)
+                                       cfg.method.eval_batch_size)
+
+    def step_fn(indices: list[int], n_global: int) -> dict[str, Any]:
+        return _step(trunk, head, params, opt, sched, guard, train_pairs, indices, n_global, pad_id, mode, cfg, sharded)
 
     before = evaluate() if eval_pairs and start == 0 else {}
-    lengths = [len(c) + len(r) for c, r in train_pairs]
-    global_batch = tc.batch_size * ds.world_size  # batch_size pairs per process
-    per_epoch = math.ceil(len(train_pairs) / global_batch)
-    epoch_batches: dict[int, list[list[int]]] = {}
     guard = NonFiniteGuard(tc.max_bad_steps)
     logger = distributed.main_only(lambda: MetricsLogger(run_dir / "metrics.jsonl"))
     if before:
         logger.log(0, before)
-    stopped = False
-    bar = tqdm(range(start, tc.total_steps), desc="reward_model", disable=not cfg.run.progress or not ds.is_main, initial=start,
-               total=tc.total_steps)
     with GracefulExit() as stop:
-        for step in bar:
-            epoch, b = divmod(step, per_epoch)  # the order is a function of (seed, epoch): resume is exact
-            if epoch not in epoch_batches:
-                epoch_batches = {epoch: step_batches(lengths, global_batch, mode, tc.seed, epoch)}
-            n_global = len(epoch_batches[epoch][b])
-            indices = list(distributed.shard(epoch_batches[epoch][b]))  # this process's block of the batch
-
-            t0 = time.perf_counter()
-            n_micro = max(1, min(tc.grad_accum, len(indices)))
-            size = max(1, math.ceil(len(indices) / n_micro))
-            rewards_c, rewards_r = [torch.zeros(0)], [torch.zeros(0)]
-            n_tokens = 0
-            starts = list(range(0, len(indices), size))
-            if sharded:  # every process runs as many forwards (zero-weighted filler where it has fewer)
-                most = int(distributed.all_reduce_max(torch.tensor([float(len(starts))]))[0])
-                for _ in range(most - len(starts)):
-                    c, r = pair_rewards(trunk, head, train_pairs[:1], pad_id, mode, d.pack_length)
-                    ((c - r).sum() * 0.0).backward()
-            for s in starts:
-                pairs = [train_pairs[i] for i in indices[s:s + size]]
-                chosen, rejected = pair_rewards(trunk, head, pairs, pad_id, mode, d.pack_length)
-                loss, _ = bradley_terry_loss(chosen, rejected, m.margin or None)
-                # the loss is a mean over pairs: weight each micro-batch by its share of the global
-                # batch, so the gradients summed over micro-batches and processes are the batch mean's
-                (loss * len(pairs) / n_global).backward()
-                rewards_c.append(chosen.detach().float().cpu())
-                rewards_r.append(rejected.detach().float().cpu())
-                n_tokens += sum(len(c) + len(r) for c, r in pairs)
-            distributed.sync_gradients(params)
-            # statistics of the whole global batch, from every process's rewards (in rank order)
-            chosen_all = distributed.all_gather_cat(torch.cat(rewards_c))
-            rejected_all = distributed.all_gather_cat(torch.cat(rewards_r))
-            sums = {k: float(v) for k, v in bradley_terry_loss(chosen_all, rejected_all, m.margin or None)[1].items()}
-            n_tokens = int(distributed.sum_floats(n_tokens)[0])
-            grad_norm = (distributed.clip_grad_norm(params, tc.max_grad_norm) if tc.max_grad_norm > 0
-                         else torch.tensor(0.0))
-            if guard.check(sums["loss/rm"], grad_norm):
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            lr = sched.get_last_lr()[0]
-            sched.step()
-            dt = time.perf_counter() - t0
-
-            done = step + 1
-            metrics = {**sums, "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch,
-                       "perf/tokens_per_s": n_tokens / max(dt, 1e-9), "skipped_steps": guard.skipped}
-            if m.eval_every and done % m.eval_every == 0 and done < tc.total_steps and eval_pairs:
-                metrics.update(evaluate())
-            if done % tc.log_every == 0 or done == tc.total_steps or "eval/accuracy" in metrics:
-                logger.log(done, metrics)
-            bar.set_postfix(loss=f"{sums['loss/rm']:.3f}", acc=f"{sums['reward/accuracy']:.2f}")
-            if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.total_steps:
-                checkpoint(done)
-            if distributed.any_rank(stop.requested):  # a signal that reached one process stops all
-                checkpoint(done)
-                stopped = True
-                print(f"[reward_model] stop requested: checkpoint saved at step {done}; continue with --resume")
-                break
+        stopped = _loop(cfg, step_fn, [len(c) + len(r) for c, r in train_pairs], mode, start, logger, checkpoint,
+                        evaluate if eval_pairs else None, stop)
     trunk.eval()
     summary: dict[str, Any] = {"run_dir": str(run_dir), "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
                                "batching": mode, "stopped": stopped}
@@ -394,18 +391,56 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         logger.log(tc.total_steps, after)
     logger.close()
     summary.update(after)
-    distributed.on_main(plot_metrics, run_dir, ["loss/rm", "reward/accuracy", "eval/accuracy", "reward/margin"], title="Reward model")
-    checkpoint(tc.total_steps)
+    _finish(cfg, trunk, head, tok, run_dir, checkpoint, summary, after, hidden_size)
+    return summary
+
+
+def _loop(cfg: Config, step_fn, lengths: list[int], mode: BatchingMode, start: int, logger, checkpoint, evaluate,
+          stop) -> bool:
+    """Optimizer steps ``start`` .. ``total_steps``; True when a signal stopped the run."""
+    tc, m, ds = cfg.trainer, cfg.method, distributed.state()
+    global_batch = tc.batch_size * ds.world_size  # batch_size pairs per process
+    per_epoch = math.ceil(len(lengths) / global_batch)
+    epoch_batches: dict[int, list[list[int]]] = {}
+    bar = tqdm(range(start, tc.total_steps), desc="reward_model", disable=not cfg.run.progress or not ds.is_main,
+               initial=start, total=tc.total_steps)
+    for step in bar:
+        epoch, b = divmod(step, per_epoch)  # the order is a function of (seed, epoch): resume is exact
+        if epoch not in epoch_batches:
+            epoch_batches = {epoch: step_batches(lengths, global_batch, mode, tc.seed, epoch)}
+        batch = epoch_batches[epoch][b]
+        metrics = step_fn(list(distributed.shard(batch)), len(batch))  # this process's block of the batch
+        metrics["epoch"] = epoch
+        done = step + 1
+        if m.eval_every and done % m.eval_every == 0 and done < tc.total_steps and evaluate is not None:
+            metrics.update(evaluate())
+        if done % tc.log_every == 0 or done == tc.total_steps or "eval/accuracy" in metrics:
+            logger.log(done, metrics)
+        bar.set_postfix(loss=f"{metrics['loss/rm']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
+        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.total_steps:
+            checkpoint(done)
+        if distributed.any_rank(stop.requested):  # a signal that reached one process stops all
+            checkpoint(done)
+            print(f"[reward_model] stop requested: checkpoint saved at step {done}; continue with --resume")
+            return True
+    return False
+
+
+def _finish(cfg: Config, trunk, head, tok, run_dir: Path, checkpoint, summary: dict, after: dict,
+            hidden_size: int) -> None:
+    """After the last step: the plot, the final checkpoint, the saved reward model, the summary line."""
+    distributed.on_main(plot_metrics, run_dir, ["loss/rm", "reward/accuracy", "eval/accuracy", "reward/margin"],
+                        title="Reward model")
+    checkpoint(cfg.trainer.total_steps)
     if cfg.run.save_model:
         meta = {"format": FORMAT, "head": "ValueHead", "hidden_size": hidden_size,
                 "input": "tokens(prompt) + tokens(response, no special tokens) + [eos_token_id]",
                 "read_out": "head(final hidden state, output_hidden_states[-1], at the last token)",
-                "max_length": d.max_length, "score_mean": after.get("eval/score_mean", 0.0),
+                "max_length": cfg.data.max_length, "score_mean": after.get("eval/score_mean", 0.0),
                 "score_std": after.get("eval/score_std", 1.0), "eval_accuracy": after.get("eval/accuracy"),
                 "trained_from": cfg.model.spec}
         plain = distributed.unsharded_copy(trunk)  # FSDP: an ordinary copy on rank 0 (a collective)
         distributed.on_main(save_reward_model, plain, head, tok, run_dir / "model", meta)
-    if ds.is_main:
+    if distributed.is_main():
         print("[reward_model] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in summary.items()))
-    return summary

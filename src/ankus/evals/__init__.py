@@ -1,0 +1,1 @@
+"""Evaluations that run on any causal LM ankus loads."""

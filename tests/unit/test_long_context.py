@@ -1,0 +1,90 @@
+"""Passkey trials and perplexity by length, on oracle and uniform models whose answers are known."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from ankus import load_model
+from ankus.evals.long_context import compare_scalings, passkey, passkey_ids, passkey_trial, perplexity_by_length
+
+V = 49152  # the tiny-llama tokenizer's vocabulary: every token id is a valid index
+
+
+class Uniform(nn.Module):
+    """Equal logits for every token: loss log V everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, logits_to_keep=0, **_):
+        T = input_ids.shape[1] if not logits_to_keep else logits_to_keep
+        return SimpleNamespace(logits=torch.zeros(input_ids.shape[0], T, V) + self.w)
+
+
+class Oracle(Uniform):
+    """Puts all its mass on the true next token of the sequence it was shown (a model that knows)."""
+
+    def __init__(self, answer_ids):
+        super().__init__()
+        self.answer = answer_ids
+
+    def forward(self, input_ids, logits_to_keep=0, **_):
+        T = input_ids.shape[1]
+        logits = torch.full((1, T, V), -1e4)
+        nxt = torch.tensor(self.answer[1:] + [0])
+        logits[0, torch.arange(T), nxt] = 0.0
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_model("tiny-llama")[1]
+
+
+def test_passkey_layout(tok):
+    for depth in (0.0, 0.5, 1.0):
+        t = passkey_ids(tok, 300, depth, "48213")
+        assert len(t.input_ids) == 300
+        assert tok.decode(t.input_ids[t.key_start:]) == " 48213"
+        text = tok.decode(t.input_ids[:t.key_start])
+        assert text.count("48213") == 2 and text.endswith("The pass key is")
+    head = tok.decode(passkey_ids(tok, 300, 0.0, "48213").input_ids[:60])
+    assert "pass key is 48213" in head  # depth 0: right after the introduction
+    with pytest.raises(ValueError, match="too short"):
+        passkey_ids(tok, 40, 0.5, "12345")
+
+
+def test_passkey_trial_on_known_models(tok):
+    t = passkey_ids(tok, 200, 0.3, "90417")
+    ok, logp = passkey_trial(Oracle(t.input_ids), t)
+    assert ok and logp == pytest.approx(0.0, abs=1e-3)
+    ok, logp = passkey_trial(Uniform(), t)
+    K = len(t.input_ids) - t.key_start
+    assert not ok and logp == pytest.approx(-K * math.log(V), rel=1e-6)
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    rows = perplexity_by_length(Uniform(), list(range(40)), [8, 16], windows=2)
+    assert [r["length"] for r in rows] == [8, 16]
+    for r in rows:
+        assert r["ppl"] == pytest.approx(V) and r["nll"] == pytest.approx(math.log(V))
+    with pytest.raises(ValueError, match="too few"):
+        perplexity_by_length(Uniform(), list(range(10)), [8], windows=2)
+
+
+def test_compare_scalings_runs_each_method_on_a_copy(tok):
+    model, _ = load_model("tiny-llama")
+    tokens = tok.encode("the quick brown fox jumps over the lazy dog " * 20)
+    before = perplexity_by_length(model, tokens, [32], windows=2)
+    rows = compare_scalings(model, ["none", "yarn", "dynamic-yarn"], 4.0, 16,
+                            lambda m: perplexity_by_length(m, tokens, [32], windows=2))
+    assert [r["method"] for r in rows] == ["none", "yarn", "dynamic-yarn"]
+    assert rows[0]["nll"] == pytest.approx(before[0]["nll"], rel=1e-6)  # "none" is the model itself
+    assert rows[1]["nll"] != pytest.approx(before[0]["nll"], rel=1e-6)
+    assert perplexity_by_length(model, tokens, [32], windows=2) == before  # the model was not touched
+    rows = passkey(model, tok, [120], trials=2)
+    assert rows[0]["trials"] == 2 and 0.0 <= rows[0]["pass_rate"] <= 1.0 and rows[0]["key_logp"] < 0
