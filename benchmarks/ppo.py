@@ -244,7 +244,7 @@ from pathlib import Path
 
 from _workers import run_worker  # benchmarks/_workers.py (this directory is on sys.path when run as a script)
 
-TEMPLATE = 'Continue this movie review in two sentences: "{prompt}"'  # recipes/ppo_sentiment.yaml's
+TEMPLATE = 'Continue this movie review in two sentences: "{prompt}"'  # the ppo_sentiment recipe's
 N_PROMPTS, K = 8, 4
 
 CONFIGS = {

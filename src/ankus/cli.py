@@ -1,4 +1,4 @@
-"""The ``ankus`` command line: ``models``, ``generate``, ``train``, ``serve``, ``demo``.
+"""The ``ankus`` command line: ``models``, ``recipes``, ``generate``, ``train``, ``data``, ``serve``, ``dpf``, ``demo``.
 
 Recipes and trainers (``TRAINERS``, ``resolve_recipe``, ``run_recipe``) live in
 :mod:`ankus.recipes`; trainer modules import lazily, so ``ankus --help`` stays fast.
@@ -61,6 +61,15 @@ def cmd_generate(args) -> int:
         print(text.strip())
         if len(prompts) > 1:
             print()
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from ankus.recipes import RECIPES_DIR, shipped_recipes
+
+    for name in shipped_recipes():
+        print(f"{name:20s}algorithm: {read_yaml(RECIPES_DIR / f'{name}.yaml').get('algorithm', '?')}")
+    print(f"\nShipped in {RECIPES_DIR}. Run one by name (ankus train NAME) or copy it and pass its path.")
     return 0
 
 
@@ -133,18 +142,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ankus", description="Align, steer and audit language models (PPO, ILQL, SFT, DPO, CFG...).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  ankus generate \"Write a haiku about elephants.\"\n"
-               "  ankus train recipes/ppo_sentiment.yaml trainer.lr=1e-5\n  ankus models",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+# ---------------------------------------------------------------------------------------------
+# the parser: one function per command
 
+
+def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list the known model specs")
     p.set_defaults(func=cmd_models)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="sample from a model (chat template applied for chat models)",
                        description="Sample continuations of one or more prompts.")
     p.add_argument("prompts", nargs="*", help="prompt text(s)")
@@ -163,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_recipes(sub) -> None:
+    p = sub.add_parser("recipes", help="list the shipped recipes (ankus train NAME runs one)")
+    p.set_defaults(func=cmd_recipes)
+
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="run a recipe: ankus train RECIPE [key.path=value ...]",
                        description="Run the trainer a recipe names. Overrides are dotted keys, e.g. trainer.lr=1e-5.")
     p.add_argument("recipe", help="a recipe YAML file, or the name of a shipped recipe")
@@ -170,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run directory")
     p.set_defaults(func=cmd_train)
 
+
+def _add_make_sentiment_dataset(sub) -> None:
     p = sub.add_parser("make-sentiment-dataset", help="ILQL's offline set: sample a model on review openings, "
                        "score with VADER")
     p.add_argument("--out", required=True, help="JSONL to write, e.g. runs/datasets/sentiment_offline.jsonl")
@@ -182,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=0, help="first N openings only; 0 = all")
     p.set_defaults(func=cmd_make_sentiment_dataset)
 
+
+def _add_data(sub) -> None:
     p = sub.add_parser("data", help="data tools: ankus data corpus NAME|DIR --out DIR")
     data_sub = p.add_subparsers(dest="data_command", metavar="TOOL", required=True)
     q = data_sub.add_parser("corpus", help="tokenize a pretraining corpus (stdlib, shakespeare, or a directory "
@@ -191,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--shard-tokens", type=int, default=1 << 22, help="tokens per shard (documents are not split)")
     q.set_defaults(func=cmd_data_corpus)
 
+
+def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over a model (/v1/chat/completions...)",
                        description="Serve a model over HTTP with OpenAI's API: GET /v1/models, "
                                    "POST /v1/chat/completions, POST /v1/completions (no streaming). "
@@ -207,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="do not log each request")
     p.set_defaults(func=cmd_serve)
 
+
+def _add_dpf(sub) -> None:
     p = sub.add_parser("dpf", help="Direct Principle Feedback (Pink Elephants): dialogues, critique/revision, "
                        "DPO, evaluation", description="Direct Principle Feedback, one step per command; each "
                        "step reads and writes JSONL. Options come from a recipe (default dpf_smollm2) and dotted "
@@ -240,9 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", help="the DPF-trained model (a run's model/ directory); omit for baselines only")
     q.add_argument("--out", required=True, help="directory for table.csv and eval_responses.jsonl")
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main demo: PPO on SmolLM2 towards positive movie reviews")
-    p.add_argument("overrides", nargs="*", help="dotted overrides for recipes/ppo_sentiment.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for ppo_sentiment")
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ankus", description="Align, steer and audit language models (PPO, ILQL, SFT, DPO, CFG...).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  ankus generate \"Write a haiku about elephants.\"\n"
+               "  ankus train ppo_sentiment trainer.lr=1e-5\n  ankus models",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_models, _add_recipes, _add_generate, _add_train, _add_make_sentiment_dataset, _add_data, _add_serve, _add_dpf, _add_demo):
+        add(sub)
     return parser
 
 

@@ -4,7 +4,7 @@ A recipe is a YAML mapping. Its ``algorithm`` key names the trainer (``ppo``, ``
 every other key is a section of that trainer's config dataclass. Unknown keys raise
 :class:`ConfigError` naming the closest valid key; values of the wrong type raise too.
 
-    cfg = build(PPOConfig, read_yaml("recipes/ppo_sentiment.yaml"), ["trainer.lr=1e-5"])
+    cfg = build(PPOConfig, read_yaml(resolve_recipe("ppo_sentiment")), ["trainer.lr=1e-5"])
 """
 
 from __future__ import annotations

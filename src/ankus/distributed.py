@@ -2,8 +2,8 @@
 
 Launch any trainer with several processes and it trains one model on their combined batches:
 
-    torchrun --nproc_per_node 8 -m ankus.cli train recipes/dpo_smollm2.yaml
-    accelerate launch --config_file configs/accelerate/ddp_multigpu.yaml -m ankus.cli train recipes/sft_tiny.yaml
+    torchrun --nproc_per_node 8 -m ankus.cli train dpo_smollm2
+    accelerate launch --config_file configs/accelerate/ddp_multigpu.yaml -m ankus.cli train sft_tiny
 
 Both launchers set ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``; :func:`setup` reads them
 and joins the process group (gloo for CPU tensors, NCCL for CUDA ones). Without them every

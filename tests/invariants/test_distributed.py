@@ -245,8 +245,8 @@ def test_grpo_reused_update_forward_two_processes_equal_one(tmp_path):
 def test_dpo_two_processes_equal_one_with_the_global_batch(tmp_path):
     common = ["trainer.total_steps=4", "trainer.lr=1e-3", "method.ref_batch_size=8"]
     _run_all({
-        "one": _train(tmp_path, 1, "recipes/dpo_tiny.yaml", *common, "trainer.batch_size=8", "run.name=one"),
-        "two": _train(tmp_path, 2, "recipes/dpo_tiny.yaml", *common, "trainer.batch_size=4", "run.name=two"),
+        "one": _train(tmp_path, 1, "dpo_tiny", *common, "trainer.batch_size=8", "run.name=one"),
+        "two": _train(tmp_path, 2, "dpo_tiny", *common, "trainer.batch_size=4", "run.name=two"),
     }, _env(tmp_path))
     one, two = tmp_path / "one", tmp_path / "two"
     diff = _assert_same_params(one / "model" / "model.safetensors", two / "model" / "model.safetensors",
@@ -340,8 +340,8 @@ def test_sft_two_processes_equal_one_with_the_global_batch(tmp_path):
     # 12 training examples, a global batch of 8: the second step of each epoch has 4 (2 per rank)
     common = ["lora={enabled: false}", "trainer.total_steps=4", "trainer.lr=1e-3", "method.eval_every=2"]
     _run_all({
-        "one": _train(tmp_path, 1, "recipes/sft_tiny.yaml", *common, "trainer.batch_size=8", "run.name=one"),
-        "two": _train(tmp_path, 2, "recipes/sft_tiny.yaml", *common, "trainer.batch_size=4", "run.name=two"),
+        "one": _train(tmp_path, 1, "sft_tiny", *common, "trainer.batch_size=8", "run.name=one"),
+        "two": _train(tmp_path, 2, "sft_tiny", *common, "trainer.batch_size=4", "run.name=two"),
     }, _env(tmp_path))
     one, two = tmp_path / "one", tmp_path / "two"
     diff = _assert_same_params(one / "model" / "model.safetensors", two / "model" / "model.safetensors",
@@ -368,8 +368,8 @@ def test_reward_model_two_processes_equal_one_with_the_global_batch(tmp_path):
     common = ["data.batching=pack", "trainer.total_steps=4", "trainer.lr=1e-3", "trainer.warmup_steps=0", "method.eval_every=2",
               "data.kwargs={n_train: 40, n_eval: 8, seed: 0, negation: 0.25}", "trainer.checkpoint_every=2"]
     _run_all({
-        "one": _train(tmp_path, 1, "recipes/rm_synthetic.yaml", *common, "trainer.batch_size=16", "run.name=one"),
-        "two": _train(tmp_path, 2, "recipes/rm_synthetic.yaml", *common, "trainer.batch_size=8", "run.name=two"),
+        "one": _train(tmp_path, 1, "rm_synthetic", *common, "trainer.batch_size=16", "run.name=one"),
+        "two": _train(tmp_path, 2, "rm_synthetic", *common, "trainer.batch_size=8", "run.name=two"),
     }, _env(tmp_path))
     one, two = tmp_path / "one", tmp_path / "two"
     for f in ("model.safetensors", "value_head.safetensors"):
@@ -422,8 +422,8 @@ def test_ilql_two_processes_equal_one_with_the_global_batch(tmp_path):
               "method.alpha=0.5", "method.steps_for_target_q_sync=1", "method.num_layers_unfrozen=-1",
               "eval.betas=[0, 1]", "eval.samples_per_prompt=1", "generation.max_new_tokens=4"]
     _run_all({
-        "one": _train(tmp_path, 1, "recipes/ilql_randomwalks.yaml", *common, "trainer.batch_size=8", "run.name=one"),
-        "two": _torchrun(2, str(tmp_path / "ilql_worker.py"), str(tmp_path), "train", "recipes/ilql_randomwalks.yaml",
+        "one": _train(tmp_path, 1, "ilql_randomwalks", *common, "trainer.batch_size=8", "run.name=one"),
+        "two": _torchrun(2, str(tmp_path / "ilql_worker.py"), str(tmp_path), "train", "ilql_randomwalks",
                          f"run.out_dir={tmp_path}", "run.progress=false", *common, "trainer.batch_size=4",
                          "run.name=two"),
     }, _env(tmp_path))
@@ -461,8 +461,8 @@ def test_sft_fsdp_two_processes_equal_one_plain_process_and_resume(tmp_path):
     common = ["lora={enabled: false}", "trainer.total_steps=4", "trainer.lr=1e-3", "method.eval_every=2",
               "trainer.checkpoint_every=2"]
     _run_all({
-        "one": _train(tmp_path, 1, "recipes/sft_tiny.yaml", *common, "trainer.batch_size=8", "run.name=one"),
-        "fsdp": _train(tmp_path, 2, "recipes/sft_tiny.yaml", *common, "trainer.batch_size=4", "trainer.fsdp=true",
+        "one": _train(tmp_path, 1, "sft_tiny", *common, "trainer.batch_size=8", "run.name=one"),
+        "fsdp": _train(tmp_path, 2, "sft_tiny", *common, "trainer.batch_size=4", "trainer.fsdp=true",
                        "run.name=fsdp"),
     }, _env(tmp_path))
     one, two = tmp_path / "one", tmp_path / "fsdp"
@@ -493,7 +493,7 @@ def test_sft_fsdp_two_processes_equal_one_plain_process_and_resume(tmp_path):
 
     shutil.rmtree(two / "checkpoints" / "step-00000004")
     shutil.rmtree(two / "model")
-    _run_all({"resume": _train(tmp_path, 2, "recipes/sft_tiny.yaml", *common, "trainer.batch_size=4",
+    _run_all({"resume": _train(tmp_path, 2, "sft_tiny", *common, "trainer.batch_size=4",
                                "trainer.fsdp=true", "run.name=fsdp", "--resume")}, _env(tmp_path))
     resumed = load_file(str(two / "model" / "model.safetensors"))
     diff = max(float((resumed[k] - uninterrupted[k]).abs().max()) for k in resumed)
@@ -505,8 +505,8 @@ def test_sft_fsdp_two_processes_equal_one_plain_process_and_resume(tmp_path):
 def test_dpo_fsdp_two_processes_equal_one_plain_process(tmp_path):
     common = ["trainer.total_steps=4", "trainer.lr=1e-3", "method.ref_batch_size=8"]
     _run_all({
-        "one": _train(tmp_path, 1, "recipes/dpo_tiny.yaml", *common, "trainer.batch_size=8", "run.name=one"),
-        "fsdp": _train(tmp_path, 2, "recipes/dpo_tiny.yaml", *common, "trainer.batch_size=4", "trainer.fsdp=true",
+        "one": _train(tmp_path, 1, "dpo_tiny", *common, "trainer.batch_size=8", "run.name=one"),
+        "fsdp": _train(tmp_path, 2, "dpo_tiny", *common, "trainer.batch_size=4", "trainer.fsdp=true",
                        "run.name=fsdp"),
     }, _env(tmp_path))
     _assert_same_params(tmp_path / "one" / "model" / "model.safetensors",
@@ -575,9 +575,9 @@ def test_reward_model_fsdp_equals_data_parallel_and_one_process(tmp_path):
     common = ["data.batching=pack", "trainer.total_steps=3", "trainer.lr=1e-3", "trainer.warmup_steps=0",
               "data.kwargs={n_train: 33, n_eval: 8, seed: 0, negation: 0.25}"]
     _run_all({
-        "one": _train(tmp_path, 1, "recipes/rm_synthetic.yaml", *common, "trainer.batch_size=16", "run.name=one"),
-        "ddp": _train(tmp_path, 2, "recipes/rm_synthetic.yaml", *common, "trainer.batch_size=8", "run.name=ddp"),
-        "fsdp": _train(tmp_path, 2, "recipes/rm_synthetic.yaml", *common, "trainer.batch_size=8", "trainer.fsdp=true",
+        "one": _train(tmp_path, 1, "rm_synthetic", *common, "trainer.batch_size=16", "run.name=one"),
+        "ddp": _train(tmp_path, 2, "rm_synthetic", *common, "trainer.batch_size=8", "run.name=ddp"),
+        "fsdp": _train(tmp_path, 2, "rm_synthetic", *common, "trainer.batch_size=8", "trainer.fsdp=true",
                        "run.name=fsdp"),
     }, _env(tmp_path))
     one, ddp, two = (tmp_path / name / "model" for name in ("one", "ddp", "fsdp"))
@@ -600,7 +600,7 @@ def test_reward_model_fsdp_equals_data_parallel_and_one_process(tmp_path):
 def test_fsdp_is_refused_where_it_is_not_wired(tmp_path):
     """ILQL replicates; an FSDP launch of it stops at start-up."""
     env = dict(_env(tmp_path), ACCELERATE_USE_FSDP="true")
-    out = subprocess.run([sys.executable, "-m", "ankus.cli", "train", "recipes/ilql_randomwalks.yaml",
+    out = subprocess.run([sys.executable, "-m", "ankus.cli", "train", "ilql_randomwalks",
                           f"run.out_dir={tmp_path}", "trainer.total_steps=1"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "does not shard it" in out.stderr + out.stdout
@@ -621,7 +621,7 @@ def test_pretrain_two_processes_equal_one_data_parallel_and_fsdp(tmp_path):
     for i in range(10):
         (texts / f"d{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(100 + 20 * i)))
     build_corpus(str(texts), tmp_path / "corpus")
-    common = ["recipes/pretrain_tiny.yaml", f"data.corpus={tmp_path / 'corpus'}", "trainer.total_steps=4",
+    common = ["pretrain_tiny", f"data.corpus={tmp_path / 'corpus'}", "trainer.total_steps=4",
               "trainer.checkpoint_every=2", "data.isolate_documents=true", "method.eval_every=2"]
     _run_all({
         "one": _train(tmp_path, 1, *common, "trainer.batch_size=8", "run.name=one"),

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from ankus.cli import main
 from ankus.runs import read_metrics
 
-ARGS = ["recipes/ppo_randomwalks.yaml", "warm_start.steps=20", "trainer.total_steps=8", "method.num_rollouts=32",
+ARGS = ["ppo_randomwalks", "warm_start.steps=20", "trainer.total_steps=8", "method.num_rollouts=32",
         "method.chunk_size=32", "trainer.batch_size=16", "method.ppo_epochs=2", "data.num_eval=4",
         "trainer.checkpoint_every=2", "run.progress=false"]
 
@@ -73,7 +73,7 @@ def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path):
     for i in range(10):
         (texts / f"d{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(100 + 20 * i)))
     build_corpus(str(texts), tmp_path / "corpus")
-    args = ["recipes/pretrain_tiny.yaml", f"data.corpus={tmp_path / 'corpus'}", "trainer.total_steps=6",
+    args = ["pretrain_tiny", f"data.corpus={tmp_path / 'corpus'}", "trainer.total_steps=6",
             "trainer.checkpoint_every=2", "trainer.lr_schedule=cosine", "trainer.warmup_steps=2",
             "data.isolate_documents=true", "run.progress=false", f"run.out_dir={tmp_path}"]
     assert main(["train", *args, "run.name=straight"]) == 0
@@ -107,7 +107,7 @@ def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path):
     assert [r["loss/train"] for r in ra if "loss/train" in r] == [r["loss/train"] for r in rb if "loss/train" in r]
 
 
-RM_ARGS = ["recipes/rm_synthetic.yaml", "data.kwargs={n_train: 12, n_eval: 4, seed: 0, negation: 0.25}",
+RM_ARGS = ["rm_synthetic", "data.kwargs={n_train: 12, n_eval: 4, seed: 0, negation: 0.25}",
            "trainer.batch_size=4", "trainer.warmup_steps=2", "method.eval_every=0", "run.progress=false",
            "run.save_model=false"]
 

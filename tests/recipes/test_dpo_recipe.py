@@ -1,4 +1,4 @@
-"""``ankus train recipes/dpo_tiny.yaml`` end to end: metrics, plot and a loadable HF model."""
+"""``ankus train dpo_tiny`` end to end: metrics, plot and a loadable HF model."""
 
 import json
 import math

@@ -10,7 +10,7 @@ from ankus.runs import read_metrics
 
 def test_ppo_randomwalks_reaches_optimality_0_9(tmp_path, capsys):
     # The full shipped recipe: warm start, then 30 PPO iterations (~1-2 min on 2 cores).
-    assert main(["train", "recipes/ppo_randomwalks.yaml", f"run.out_dir={tmp_path}", "run.progress=false"]) == 0
+    assert main(["train", "ppo_randomwalks", f"run.out_dir={tmp_path}", "run.progress=false"]) == 0
     printed = capsys.readouterr().out
     run = tmp_path / "ppo_randomwalks"
     rows = read_metrics(run)

@@ -14,6 +14,7 @@ import torch
 
 from ankus.chat import HTTPChat, LocalChat
 from ankus.config import ConfigError, build, read_yaml
+from ankus.recipes import resolve_recipe
 from ankus.data.assets import PinkElephantPair
 from ankus.data.io import DataError, read_jsonl, write_jsonl
 from ankus.generation.engine import GenerationConfig
@@ -185,7 +186,7 @@ def test_evaluate_table_and_determinism(tiny):
 
 
 def test_recipe_builds_and_unknown_keys_raise():
-    data = read_yaml("recipes/dpf_smollm2.yaml")
+    data = read_yaml(resolve_recipe("dpf_smollm2"))
     assert data.pop("algorithm") == "dpf"
     cfg = build(dpf.Config, data)
     assert cfg.revision.guidance_scale == 2.0 and cfg.dpo.beta == 0.1
@@ -198,7 +199,7 @@ def test_recipe_builds_and_unknown_keys_raise():
     ("lm.served_model=big", "lm.served_model"), ("trainer.total_steps=5", None),
     ("lora.r=4", "lora.r"), ("method=x", None)])
 def test_unused_settings_are_rejected_before_any_work(override, field):
-    data = read_yaml("recipes/dpf_smollm2.yaml")
+    data = read_yaml(resolve_recipe("dpf_smollm2"))
     data.pop("algorithm")
     if override == "method=x":  # a section DPF does not have
         with pytest.raises(ConfigError, match="unknown key 'method'"):

@@ -20,7 +20,7 @@ the next one reads, so the data can be inspected, edited or brought from elsewhe
                 whose negative prompt asks to discuss X, and the DPF model            -> eval_responses.jsonl,
                                                                                           table.csv
 
-``ankus train recipes/dpf_smollm2.yaml`` (or ``ankus dpf run``) runs all of it into one run
+``ankus train dpf_smollm2`` (or ``ankus dpf run``) runs all of it into one run
 directory; with ``--resume`` a step whose output file exists is read instead of recomputed, which
 is also how hand-edited data enters the pipeline.
 

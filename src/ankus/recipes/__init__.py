@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from ankus.config import ConfigError, build, read_yaml
 
-__all__ = ["TRAINERS", "RECIPES_DIR", "SOURCE_RECIPES_DIR", "trainer_module", "resolve_recipe", "run_recipe"]
+__all__ = ["TRAINERS", "RECIPES_DIR", "shipped_recipes", "trainer_module", "resolve_recipe", "run_recipe"]
 
 # algorithm name -> trainer module (exposing Config and train), imported lazily
 TRAINERS: dict[str, str] = {
@@ -28,9 +28,8 @@ TRAINERS: dict[str, str] = {
 }
 
 RECIPES_DIR = Path(__file__).resolve().parent
-"""Recipes shipped inside the package (package data)."""
-SOURCE_RECIPES_DIR = Path(__file__).resolve().parents[3] / "recipes"
-"""The top-level recipes/ directory of a source checkout (a fallback while recipes move into the package)."""
+"""The shipped recipes: ``*.yaml`` beside this module, installed as package data, so a recipe is
+found by name from any directory and without a source checkout."""
 
 
 def trainer_module(algorithm: str):
@@ -45,23 +44,22 @@ def trainer_module(algorithm: str):
         raise
 
 
-def _shipped() -> list[str]:
-    names = {p.stem for d in (RECIPES_DIR, SOURCE_RECIPES_DIR) if d.is_dir() for p in d.glob("*.yaml")}
-    return sorted(names)
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped with the package."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
 def resolve_recipe(recipe: str | Path) -> Path:
-    """An existing path as it is; else ``<name>.yaml`` in this package; else in the source
-    checkout's top-level ``recipes/`` directory."""
+    """An existing path as it is; else the shipped recipe ``<name>`` (``.yaml`` optional)."""
     path = Path(recipe)
     if path.exists():
         return path
     name = str(recipe)
-    for directory in (RECIPES_DIR, SOURCE_RECIPES_DIR):
-        for candidate in (directory / f"{name}.yaml", directory / name):
-            if candidate.is_file():
-                return candidate
-    raise ConfigError(f"recipe not found: {recipe}. Shipped recipes: {', '.join(_shipped()) or 'none'}")
+    for candidate in (RECIPES_DIR / f"{name}.yaml", RECIPES_DIR / name):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"recipe not found: {recipe} (no such file, and no shipped recipe of that name). "
+                      f"Shipped recipes: {', '.join(shipped_recipes()) or 'none'}")
 
 
 def run_recipe(recipe: str | Path | Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any] = (),

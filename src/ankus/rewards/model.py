@@ -70,7 +70,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu"):
     meta_path = model_dir / META_FILE
     if not meta_path.exists():
         raise ModelLoadError(f"{path} holds no trained reward model (no {META_FILE} in it or in its model/ "
-                             "directory); train one with `ankus train recipes/rm_synthetic.yaml`")
+                             "directory); train one with `ankus train rm_synthetic`")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise ModelLoadError(f"{meta_path}: unknown reward-model format {meta.get('format')!r}, expected {FORMAT!r}")
