@@ -266,7 +266,7 @@ def main() -> None:
                 engines["ankus + compile"] = lambda: ankus_generate(model, tok, prompts, new_tokens, compile=True)
             compare(f"{name} batch {b}", engines, args.repeats, sync)
             graph_replay_time(model, name, b)
-        del model, engines
+        model = engines = None  # freed before the next shape loads
         release_graphs()  # the kept graphs and caches of this model
         torch.cuda.empty_cache()
 

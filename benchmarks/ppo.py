@@ -119,8 +119,9 @@ blocks in its update). Hydra's peak is now sampling in the second iteration: the
 file-backed) and shared libraries (~90 MB); ~320 MB of anonymous memory that is not tensors
 (Python, torch, transformers, the tokenizer: what is left after gc and malloc_trim); Adam state,
 value head and Hydra branch (~95 MB); the packed copy of the weights (513 MB); the KV cache
-(~120 MB) and prefill activations (~100 MB). Its update peaks about as high (the top two blocks' activations for 32 rows, the head's
-chunks, gradients). The copy adds its 513 MB deep copy and an update that runs all 30 layers. A
+(~120 MB) and prefill activations (~100 MB). Its update peaks about as high (the top two blocks'
+activations for 32 rows, the head's chunks, gradients). The copy adds its 513 MB deep copy and an
+update that runs all 30 layers. A
 clear margin under 0.7x needs less memory while sampling; the packed weights are the largest item
 (a run with ``--no-packed-linears`` at 11:05 UTC gave 1782 / 2388 MB, 0.75x: Hydra's update then
 sets its peak, already 1717 MB in the first iteration, with no packed weights to release and so no
@@ -237,7 +238,6 @@ import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -580,7 +580,8 @@ def main() -> None:
     rows = N_PROMPTS * K
     print(f"PPO-family benchmark: {args.model} fp32, {N_PROMPTS} prompts x k={K} = {rows} completions/iter, "
           f"<= {args.new_tokens} new tokens, 1 optimizer step/iter, lr {args.lr}, beta {args.beta}, "
-          f"{args.iters} iters ({args.warmup} warm-up), {args.threads} threads, MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}, "
+          f"{args.iters} iters ({args.warmup} warm-up), {args.threads} threads, "
+          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}, "
           f"CPU ({os.cpu_count()} cores, "
           f"load {' '.join(f'{x:.1f}' for x in os.getloadavg())})", flush=True)
     head = (f"  {'config':15s} {'s/iter':>7s} {'gen':>6s} {'score':>6s} {'train':>6s} {'rows/s':>7s} {'cpu-s':>7s} "

@@ -25,7 +25,8 @@ numbers are noisy; the ratios are what to read), ``--model llama-20m --batch 4 -
 --repeats 7 --threads 1``. The wall-clock matmul peak was taken while the machine was busier than
 during the steps, hence wall MFU above 100%; the per-CPU-second column is the consistent one:
 
-    model llama-20m (20.45M params), batch 4 x 128 tokens, fp32, 1 threads; matmul peak 28.8 GFLOP/s; 64.8 GFLOP/step (matmul peak per CPU-second 90.6 GFLOP/s)
+    model llama-20m (20.45M params), batch 4 x 128 tokens, fp32, 1 threads; matmul peak 28.8 GFLOP/s;
+    64.8 GFLOP/step (matmul peak per CPU-second 90.6 GFLOP/s)
                     wall s/step  tokens/s    MFU  CPU s/step  tokens/CPU-s  MFU(CPU)   wall s per step
     ankus                 2.133       240 105.6%       1.057           484     67.7%   2.17 2.13 1.84 1.57 2.13 2.14 2.65
     ankus-bf16head        1.866       274 120.7%       0.927           552     77.2%   1.92 1.89 1.85 1.62 1.47 1.87 2.86

@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  ankus train ppo_sentiment trainer.lr=1e-5\n  ankus models",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_models, _add_recipes, _add_generate, _add_train, _add_make_sentiment_dataset, _add_data, _add_serve, _add_dpf, _add_demo):
+    for add in (_add_models, _add_recipes, _add_generate, _add_train, _add_make_sentiment_dataset, _add_data, _add_serve,
+                _add_dpf, _add_demo):
         add(sub)
     return parser
 

@@ -263,7 +263,8 @@ class TrainerConfig:
     device: typing.Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model trains: auto = this process's GPU when CUDA is there, else the CPU."""
     fsdp: bool = False
-    """Shard parameters, gradients and optimizer state over the processes with FSDP2 (SFT, DPO, PPO, reward model; see docs/distributed.md)."""
+    """Shard parameters, gradients and optimizer state over the processes with FSDP2 (SFT, DPO, PPO,
+    reward model, pretrain; see docs/distributed.md)."""
 
 
 @dataclasses.dataclass

@@ -104,7 +104,8 @@ def setup(fsdp_ok: bool = False, shard: bool = False) -> DistState:
             # running replicated under a sharding config would be a silent surprise (or an OOM)
             raise RuntimeError(f"launched with an Accelerate {what} configuration, but this trainer replicates the "
                                "model on every process (data parallel) and does not shard it (FSDP: SFT, DPO, "
-                               "PPO and the reward model only, trainer.fsdp=true); launch with configs/accelerate/ddp_multigpu.yaml or "
+                               "PPO, the reward model and pretrain only, trainer.fsdp=true); launch with "
+                               "configs/accelerate/ddp_multigpu.yaml or "
                                "torchrun (see docs/distributed.md)")
     if dist.is_available() and dist.is_initialized():
         pass

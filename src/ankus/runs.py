@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from ankus.atomic import atomic_write_dir
 from ankus.config import RunConfig, save_yaml

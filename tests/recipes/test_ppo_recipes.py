@@ -1,6 +1,5 @@
 """Smoke and convergence runs of the shipped PPO recipes."""
 
-import json
 
 from transformers import AutoModelForCausalLM
 
@@ -18,7 +17,7 @@ def test_ppo_randomwalks_reaches_optimality_0_9(tmp_path, capsys):
     assert rows[0]["reward/mean"] < 0.6  # what the warm-started model does (the walks' own mean is 0.32)
     final_train = sum(r["reward/mean"] for r in rows[-5:]) / 5
     assert final_train >= 0.85, final_train
-    line = next(l for l in printed.splitlines() if l.startswith("mean held-out score"))
+    line = next(s for s in printed.splitlines() if s.startswith("mean held-out score"))
     before, after = (float(x) for x in line.split(":")[1].split("(")[0].split("->"))
     assert before < 0.6 and after >= 0.9, line
     AutoModelForCausalLM.from_pretrained(run / "model")

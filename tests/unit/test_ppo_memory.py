@@ -12,8 +12,6 @@ from ankus import load_model
 from ankus.generation import engine, packing
 from ankus.losses.ppo import head_logprobs, logprobs_from_logits, rows_per_chunk, token_entropy
 from ankus.models.heads import ValueHead, output_head_bypassed
-from ankus.config import LoRAConfig
-from ankus.models.lora import apply_lora
 from ankus.models.reference import make_reference
 from ankus.models.hydra import TrunkCache
 from ankus.rl import rollouts

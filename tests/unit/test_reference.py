@@ -12,7 +12,6 @@ from ankus.losses.ppo import logprobs_from_logits
 from ankus.config import LoRAConfig
 from ankus.data.tokens import position_ids_from_mask
 from ankus.models.lora import apply_lora
-from ankus.config import LoRAConfig
 from ankus.models.reference import make_reference
 
 

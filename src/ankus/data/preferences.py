@@ -183,6 +183,7 @@ def pack_rows(pairs: Sequence[Pair], pad_id: int, max_row_tokens: int = 0) -> Pa
         for i in row:
             p = pairs[i]
             P = len(p.prompt_ids)
+            t_prompt_end = t + P - 1  # the prompt's last token predicts each completion's first
             for k, ids in enumerate((p.prompt_ids, p.chosen_ids, p.rejected_ids)):
                 m = len(ids)
                 start_pos = 0 if k == 0 else P  # both completions continue the prompt
@@ -199,8 +200,6 @@ def pack_rows(pairs: Sequence[Pair], pad_id: int, max_row_tokens: int = 0) -> Pa
                         labels.append(ids[j])
                         seq_index.append(i if k == 1 else n + i)
                         keep[r, q] = True
-                else:
-                    t_prompt_end = t + m - 1
                 t += m
     # rank of each kept position in row-major order = its row in the logits the model returns
     rank = torch.full((R, L), -1, dtype=torch.long)

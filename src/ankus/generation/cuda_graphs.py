@@ -173,7 +173,8 @@ def static_step(model, branch: Branch, dtype: torch.dtype, capture: bool,
                     slot.logits = forward()
                 slot.graph = graph
             except RuntimeError as e:  # a forward that syncs with the host cannot be captured
-                warnings.warn(f"CUDA graph capture failed ({e}); decoding on the static cache without it")
+                warnings.warn(f"CUDA graph capture failed ({e}); decoding on the static cache without it",
+                              stacklevel=2)
                 slot.graph = False
         if slot.graph is False:
             return forward()  # capture records without running: the cache has not moved

@@ -98,8 +98,8 @@ def ilql_loss(
 
     Returns:
         ``(loss, stats)``; stats are detached scalars: ``loss``, ``loss/q``, ``loss/v``,
-        ``loss/cql`` (absent when the qs are given at the taken tokens only), ``loss/awac``, ``values/q`` (mean Q_i(s,a) over heads), ``values/target_q``
-        (Q̂), ``values/v``, ``values/advantage`` (Q̂ − V).
+        ``loss/cql`` (absent when the qs are given at the taken tokens only), ``loss/awac``,
+        ``values/q`` (mean Q_i(s,a) over heads), ``values/target_q`` (Q̂), ``values/v``, ``values/advantage`` (Q̂ − V).
     """
     B, T = actions.shape
     mask = mask.to(torch.bool)  # (B, T)

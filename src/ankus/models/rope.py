@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["yarn_inv_freq", "yarn_attention_factor", "scale_rope", "rotary_modules", "METHODS"]

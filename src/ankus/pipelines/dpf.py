@@ -49,7 +49,7 @@ import torch
 
 from ankus.data.tokens import pad_id
 from ankus.chat import chat_backend, LocalChat
-from ankus.config import ConfigError, LoRAConfig, ModelConfig, RunConfig, TrainerConfig, reject_unused
+from ankus.config import LoRAConfig, ModelConfig, RunConfig, TrainerConfig, reject_unused
 from ankus.data.assets import PinkElephantPair, pink_elephant_pairs
 from ankus.data.io import DataError, read_jsonl, write_jsonl
 from ankus.generation.engine import GenerationConfig

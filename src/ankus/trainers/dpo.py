@@ -284,7 +284,7 @@ def train(cfg: Config, resume: bool = False, *, model: nn.Module | None = None, 
     """
     check_config(cfg)
     m, tc = cfg.method, cfg.trainer
-    ds = distributed.setup(fsdp_ok=True, shard=tc.fsdp)
+    distributed.setup(fsdp_ok=True, shard=tc.fsdp)
     sharded = distributed.use_fsdp(tc.fsdp)
     torch.manual_seed(tc.seed)
     run_dir = distributed.on_main(create_run_dir, cfg.run, "dpo", cfg, exist_ok=resume)
