@@ -21,7 +21,7 @@ import re
 import shutil
 import signal
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -158,6 +158,19 @@ class GracefulExit:
         for s, old in self._old.items():
             signal.signal(s, old)
         return False
+
+    def after_step(self, done: int, total_steps: int, every: int, save: Callable[[int], Any], name: str) -> bool:
+        """The end of step ``done`` of a training loop: ``save(done)`` every ``every`` steps (not at
+        the last step, which the trainer's finish saves), and when a stop was requested on any
+        process (a collective: every rank calls it) save, say so and return True."""
+        from ankus import distributed
+
+        stopping = distributed.any_rank(self.requested)
+        if stopping or (every and done % every == 0 and done < total_steps):
+            save(done)
+        if stopping and distributed.is_main():
+            print(f"[{name}] stop requested: checkpoint saved at step {done}; continue with --resume")
+        return stopping
 
 
 class NonFiniteError(RuntimeError):

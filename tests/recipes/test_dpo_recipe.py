@@ -2,14 +2,14 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from ankus.cli import main
+from ankus.recipes import resolve_recipe
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dpo_tiny.yaml"
+RECIPE = resolve_recipe("dpo_tiny")
 
 
 def test_dpo_tiny_recipe_runs(tmp_path):

@@ -9,7 +9,7 @@ import ankus
 from ankus import load_model
 from ankus.models.prefix import head_is_plain, shared_prompt_hidden, shared_prompt_states
 from ankus.models.reference import make_reference
-from ankus.rl.rollouts import policy_forward
+from ankus.rl.rollouts import policy_forward, reference_shared_prompt_logps
 
 
 def _batch(k: int = 3, n: int = 5, seed: int = 0):
@@ -90,7 +90,7 @@ def test_reference_shared_prompt_logps_equal_its_logps(mode):
     p, pm, resp, rmask = _batch()
     ids, am = torch.cat([p, resp], 1), torch.cat([pm, rmask], 1)
     expected = ref.logps(ids, am, None, resp.shape[1])
-    got = ref.shared_prompt_logps(p, pm, resp, rmask)
+    got = reference_shared_prompt_logps(ref, p, pm, resp, rmask)
     live = rmask.bool()
     assert torch.allclose(got[live], expected[live], atol=1e-5)
 

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from ankus.atomic import atomic_write_dir
-from ankus.models.scratch import SCRATCH_MODELS, scratch_model
+from ankus.models.scratch import SCRATCH_MODELS, scratch_model, seeded_model
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 RANDOMWALKS_MODEL = "randomwalks-gpt2"
@@ -154,19 +154,10 @@ def letters_tokenizer():
 
 def tiny_model(arch: str = "llama", seed: int = 0, tokenizer=None):
     """A random-init model of family ``arch`` with SmolLM2's tokenizer; deterministic in ``seed``."""
-    from transformers import AutoModelForCausalLM
-
     tok = tokenizer if tokenizer is not None else default_tokenizer()
     config = _tiny_config(arch, len(tok), tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
                           tok.eos_token_id)
-    gen = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    finally:
-        torch.random.set_rng_state(gen)
-    model.generation_config.pad_token_id = tok.eos_token_id
-    return model, tok
+    return seeded_model(config, seed, tok.eos_token_id), tok
 
 
 def randomwalks_tokenizer():
@@ -195,19 +186,12 @@ def randomwalks_gpt2(seed: int = 0):
     model, ``GPT2Config(n_layer=6, n_embd=144)`` (12 heads, ~1.5M parameters), over
     :func:`randomwalks_tokenizer`'s 29 tokens; deterministic in ``seed``. A vocabulary-sized Q
     head on SmolLM2's 49k tokens would cost ~100x more per step for the same 21-node task."""
-    from transformers import AutoModelForCausalLM, GPT2Config
+    from transformers import GPT2Config
 
     tok = randomwalks_tokenizer()
     config = GPT2Config(n_layer=6, n_embd=144, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    finally:
-        torch.random.set_rng_state(state)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model.eval(), tok
+    return seeded_model(config, seed, tok.pad_token_id).eval(), tok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +236,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     "tiny-gpt2-letters": KnownModel("tiny-gpt2-letters", "random-init GPT-2, 4 layers x 64 wide, 32-symbol "
                                     "letter vocabulary (random walks)",
                                     lambda dtype, seed: tiny_model("gpt2", seed, letters_tokenizer())),
-    **{name: KnownModel(name, spec.description, lambda dtype, seed, name=name: scratch_model(name, seed))
+    **{name: KnownModel(name, spec.description, lambda dtype, seed, name=name: scratch_model(name, default_tokenizer(), seed))
        for name, spec in SCRATCH_MODELS.items()},  # models to pretrain (models/scratch.py)
     RANDOMWALKS_MODEL: KnownModel(RANDOMWALKS_MODEL, "random-init GPT-2, 6 layers x 144 wide (trlX's ILQL "
                                   "random-walks model), 29-token node vocabulary",

@@ -13,9 +13,10 @@ trainable set and the reference always agree; ``Reference.policy`` is the model 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
@@ -82,22 +83,16 @@ class Reference:
         labels = input_ids[:, 1:] if n_resp is None else input_ids[:, input_ids.shape[1] - n_resp:]
         return logprobs_from_logits(logits[:, :-1], labels)  # logits at t predict token t+1
 
-    @torch.no_grad()
-    def shared_prompt_logps(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
-                            response_mask: Tensor) -> Tensor:
-        """Reference log-probs of the response tokens (B, N), float32, each distinct prompt run once
-        (:func:`ankus.models.prefix.shared_prompt_hidden`); ``"copy"`` and ``"lora"`` only."""
-        from contextlib import nullcontext
-
-        from ankus.losses.ppo import head_logprobs
-        from ankus.models.prefix import shared_prompt_hidden
-
+    @contextlib.contextmanager
+    def frozen_model(self) -> Iterator[nn.Module]:
+        """The reference as a plain causal LM, in eval mode: the frozen copy (``"copy"``) or the
+        policy with its adapters switched off (``"lora"``). A Hydra reference has none: it reads
+        the policy's hidden states and runs only the frozen top blocks."""
         if self.base is None:
-            raise ValueError("a Hydra reference reads the policy's hidden states: it has no shared-prompt forward")
-        adapters_off = self.base.disable_adapter() if self.mode == "lora" else nullcontext()
+            raise ValueError("a Hydra reference reads the policy's hidden states: it is not a whole model")
+        adapters_off = self.base.disable_adapter() if self.mode == "lora" else contextlib.nullcontext()
         with eval_mode(self.base), adapters_off:
-            hidden = shared_prompt_hidden(self.base, prompt_ids, prompt_mask, response_ids, response_mask)
-            return head_logprobs(hidden, self.base.get_output_embeddings(), response_ids)[0]
+            yield self.base
 
 
 def _full_forward(model: nn.Module) -> Callable[..., Tensor]:

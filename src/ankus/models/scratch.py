@@ -54,27 +54,29 @@ def scratch_config(name: str, vocab_size: int, bos: int, eos: int):
     return cls(**spec.shape, **common)
 
 
-def scratch_model(name: str, seed: int = 0, tokenizer=None):
+def scratch_model(name: str, tokenizer, seed: int = 0):
     """``(model, tokenizer)``: the named model random-initialised from ``seed`` (the global RNG is
-    left as it was), with SmolLM2's tokenizer unless another is given."""
-    from transformers import AutoModelForCausalLM
-
+    left as it was), its vocabulary sized to ``tokenizer`` (``load_model`` passes SmolLM2's)."""
     if name not in SCRATCH_MODELS:
         raise KeyError(f"unknown scratch model '{name}'; known: {', '.join(SCRATCH_MODELS)}")
-    if tokenizer is None:
-        from ankus.models.loading import default_tokenizer
-
-        tokenizer = default_tokenizer()
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     config = scratch_config(name, len(tokenizer), bos, tokenizer.eos_token_id)
+    return seeded_model(config, seed, tokenizer.eos_token_id), tokenizer
+
+
+def seeded_model(config, seed: int, pad_token_id: int) -> torch.nn.Module:
+    """An fp32 causal LM random-initialised from ``config`` with ``seed``, leaving the global RNG
+    as it was (every random-init spec of ``load_model`` is built this way)."""
+    from transformers import AutoModelForCausalLM
+
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     finally:
         torch.random.set_rng_state(state)
-    model.generation_config.pad_token_id = tokenizer.eos_token_id
-    return model, tokenizer
+    model.generation_config.pad_token_id = pad_token_id
+    return model
 
 
 def parameter_count(model: torch.nn.Module) -> int:

@@ -173,6 +173,16 @@ def score_rollouts(policy, value_head, reference, input_ids, attn, response_ids,
                   torch.cat(ref_logps), torch.cat(hidden) if keep_hidden else None)
 
 
+@torch.no_grad()
+def reference_shared_prompt_logps(reference, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                                  response_mask: Tensor) -> Tensor:
+    """The reference's log-probs of the response tokens (B, N), float32, each distinct prompt run
+    once (:func:`ankus.models.prefix.shared_prompt_hidden`); a ``"copy"`` or ``"lora"`` reference."""
+    with reference.frozen_model() as base:
+        hidden = shared_prompt_hidden(base, prompt_ids, prompt_mask, response_ids, response_mask)  # (B, N, H)
+        return head_logprobs(hidden, base.get_output_embeddings(), response_ids)[0]
+
+
 def _score_chunk(policy, value_head, reference, ids, am, resp, n_resp: int, logit_rows: int, behaviour: bool,
                  shared: bool) -> Scored:
     """:func:`score_rollouts` on one chunk of rows (``hidden`` is returned whenever computed)."""
@@ -188,7 +198,7 @@ def _score_chunk(policy, value_head, reference, ids, am, resp, n_resp: int, logi
         return Scored(logps, values, ref, at_split)
     if shared:
         logps, _, values = shared_forward(policy, value_head, ids, am, resp, n_resp) if behaviour else (None,) * 3
-        return Scored(logps, values, reference.shared_prompt_logps(ids[:, :P], am[:, :P], resp, am[:, P:]), None)
+        return Scored(logps, values, reference_shared_prompt_logps(reference, ids[:, :P], am[:, :P], resp, am[:, P:]), None)
     logps = values = hidden = None
     if behaviour:
         logits, values, hidden = policy_forward(policy, value_head, ids, am, n_resp, reference.hidden_index)

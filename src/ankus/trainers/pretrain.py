@@ -371,12 +371,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             if done % tc.log_every == 0 or done == tc.total_steps:
                 logger.log(done, metrics)
             bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
-            if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.total_steps:
-                checkpoint(done)
-            if distributed.any_rank(stop.requested):  # a signal that reached one process stops all
-                checkpoint(done)
+            if stop.after_step(done, tc.total_steps, tc.checkpoint_every, checkpoint, "pretrain"):
                 stopped = True
-                print(f"[pretrain] stop requested: checkpoint saved at step {done}; continue with --resume")
                 break
     summary = {"run_dir": str(run_dir), "train_documents": len(train_ix), "val_documents": len(corpus.documents) - len(train_ix),
                "rows_per_epoch": n_rows, "stopped": stopped, "loss/train": metrics.get("loss/train")}

@@ -417,11 +417,7 @@ def _loop(cfg: Config, step_fn, lengths: list[int], mode: BatchingMode, start: i
         if done % tc.log_every == 0 or done == tc.total_steps or "eval/accuracy" in metrics:
             logger.log(done, metrics)
         bar.set_postfix(loss=f"{metrics['loss/rm']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
-        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.total_steps:
-            checkpoint(done)
-        if distributed.any_rank(stop.requested):  # a signal that reached one process stops all
-            checkpoint(done)
-            print(f"[reward_model] stop requested: checkpoint saved at step {done}; continue with --resume")
+        if stop.after_step(done, tc.total_steps, tc.checkpoint_every, checkpoint, "reward_model"):
             return True
     return False
 

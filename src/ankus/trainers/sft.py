@@ -362,11 +362,7 @@ def _loop(cfg: Config, model, params, opt, sched, guard, train_ex: list[Example]
         if done % tc.log_every == 0 or done == tc.total_steps:
             logger.log(done, metrics)
         bar.set_postfix(loss=f"{metrics['loss/sft']:.3f}", lr=f"{metrics['lr']:.2e}")
-        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.total_steps:
-            checkpoint(done)
-        if distributed.any_rank(stop.requested):  # a signal that reached one process stops all
-            checkpoint(done)
-            print(f"[sft] stop requested: checkpoint saved at step {done}; continue with --resume")
+        if stop.after_step(done, tc.total_steps, tc.checkpoint_every, checkpoint, "sft"):
             return metrics, True
     return metrics, False
 
