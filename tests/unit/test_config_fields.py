@@ -46,6 +46,18 @@ def _run(tmp: Path) -> dict:
     return {"out_dir": str(tmp / "runs"), "name": "run", "progress": False, "save_model": False}
 
 
+def _corpus(tmp: Path) -> str:
+    from ankus.data.corpus import build_corpus
+
+    texts = tmp / "texts"
+    texts.mkdir(exist_ok=True)
+    for i in range(8):
+        (texts / f"doc{i}.txt").write_text(" ".join(f"word{(i * 7 + j) % 50}" for j in range(60 + 10 * i)) + "\n")
+    if not (tmp / "corpus").exists():
+        build_corpus(str(texts), tmp / "corpus")
+    return str(tmp / "corpus")
+
+
 def _rm_jsonl(tmp: Path) -> str:
     rows = [{"q": f"Review {i}.", "good": " Great.", "bad": " Awful."} for i in range(8)]
     path = tmp / "rm_pairs.jsonl"
@@ -84,6 +96,44 @@ CASES = [
                                "data.chosen_field": "good", "data.rejected_field": "bad", "data.eval_fraction": 0.25,
                                "data.batching": "pack", "lora.enabled": True}},
         {"data.kwargs": {"n_train": 8}, "data.eval_name": "{jsonl}", "lora.target": ["q_proj"]},
+    ),
+    TrainerCase(
+        "ppo",
+        lambda tmp: {"model": {"spec": "tiny-gpt2-letters"}, "data": {"prompts": "randomwalks", "num_eval": 2},
+                     "reward": {"name": "randomwalks", "kwargs": {"seed": 1000}},
+                     "warm_start": {"steps": 1, "batch_size": 8},
+                     "generation": {"max_new_tokens": 3, "chat_template": False},
+                     "method": {"reference": "copy", "num_layers_unfrozen": -1, "num_rollouts": 8, "chunk_size": 8,
+                                "ppo_epochs": 1},
+                     "trainer": {"batch_size": 8, "total_steps": 1, "checkpoint_every": 1}, "run": _run(tmp)},
+        {"base": {},
+         "hydra_adaptive_kl": {"method.reference": "hydra", "method.num_layers_unfrozen": 1, "method.target": 6.0,
+                               "method.scale_reward": "running", "trainer.grad_accum": 2},
+         "grpo_lora": {"method.estimator": "grpo", "method.samples_per_prompt": 2, "method.reference": "lora",
+                       "lora.enabled": True, "lora.r": 2, "lora.target": ["c_attn"]},
+         "rloo": {"method.estimator": "rloo", "method.samples_per_prompt": 2}},
+        {"lora.target": ["c_attn"], "reward.kwargs": {"seed": 1}, "data.eval_prompts": "randomwalks",
+         "method.target": 6.0},
+    ),
+    TrainerCase(
+        "ilql",
+        lambda tmp: {"model": {"spec": "randomwalks-gpt2"}, "data": {"dataset": "randomwalks", "seq_length": 11},
+                     "trainer": {"batch_size": 8, "total_steps": 2, "checkpoint_every": 1},
+                     "generation": {"max_new_tokens": 3, "chat_template": False},
+                     "eval": {"betas": [1], "samples_per_prompt": 1, "every": 0, "batch_size": 32},
+                     "run": _run(tmp)},
+        {"base": {}},
+        {},
+    ),
+    TrainerCase(
+        "pretrain",
+        lambda tmp: {"model": {"spec": "tiny-llama"}, "data": {"corpus": _corpus(tmp), "seq_length": 32,
+                                                               "val_fraction": 0.25},
+                     "trainer": {"batch_size": 2, "total_steps": 2, "warmup_steps": 0}, "method": {"eval_every": 1},
+                     "run": _run(tmp)},
+        {"base": {}, "isolated_accum": {"data.isolate_documents": True, "trainer.grad_accum": 2,
+                                        "method.head_dtype": "bfloat16", "data.val_rows": 1}},
+        {},
     ),
 ]
 
@@ -205,9 +255,7 @@ def test_the_recording_counts_reads_by_ankus_code_only():
 
 
 def test_generic_values_differ_from_the_defaults():
-    from ankus.trainers import dpo, reward_model, sft
-
-    for module in (sft, dpo, reward_model):
+    for module in (importlib.import_module(TRAINERS[c.algorithm]) for c in CASES):
         for path, (tp, default) in _leaves(module.Config()).items():
             try:
                 value = _other_value(tp, default)

@@ -71,14 +71,15 @@ def test_lora_section_reaches_the_adapters(tmp_path, monkeypatch):
     seen = []
     real = reference.apply_lora
     monkeypatch.setattr(reference, "apply_lora", lambda model, lora: seen.append(lora) or real(model, lora))
-    ankus.train(_recipe(tmp_path, method={"reference": "lora"}, lora={"r": 4, "alpha": 8},
+    ankus.train(_recipe(tmp_path, method={"reference": "lora"}, lora={"enabled": True, "r": 4, "alpha": 8},
                         trainer={"total_steps": 1}), reward_fn=length_reward)
-    assert seen == [LoRAConfig(enabled=False, r=4, alpha=8)]
+    assert seen == [LoRAConfig(enabled=True, r=4, alpha=8)]
 
 
 @pytest.mark.parametrize("sections,field", [
     ({"lora": {"enabled": True}}, "lora"),
-    ({"lora": {"r": 4}, "method": {"reference": "copy"}}, "lora"),
+    ({"lora": {"r": 4}, "method": {"reference": "copy"}}, "lora.r"),
+    ({"method": {"reference": "lora"}}, "lora.enabled"),
     ({"trainer": {"grad_accum": 0}}, "trainer.grad_accum"),
     ({"warm_start": {"steps": 5}}, "warm_start.steps"),
 ])

@@ -62,7 +62,8 @@ def test_policy_forward_slices_the_response_positions():
 ])
 def test_every_estimator_and_reference_trains(tmp_path, method):
     before, _ = load_model("tiny-llama")
-    result = ankus.train(_recipe(tmp_path, method=method), reward_fn=length_reward)
+    lora = {"lora": {"enabled": True}} if method["reference"] == "lora" else {}
+    result = ankus.train(_recipe(tmp_path, method=method, **lora), reward_fn=length_reward)
     run = tmp_path / "r"
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2]

@@ -207,7 +207,9 @@ def _decode_mode(model, config: GenerationConfig) -> str:
     """'graph': static cache + CUDA graph (CUDA, full-attention models); 'eager': the model's
     forward on a dynamic cache. ('static', the graph path without capture, is for tests.)"""
     device = next(model.parameters()).device
-    if device.type == "cuda" and config.cuda_graph and graph_safe(model):
+    if config.compile and device.type != "cuda":
+        logger.warning("generation.compile applies to the CUDA graph path only; on %s sampling runs eagerly", device)
+    if config.cuda_graph and device.type == "cuda" and graph_safe(model):
         return "graph"
     return "eager"
 

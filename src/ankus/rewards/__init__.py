@@ -16,9 +16,22 @@ import functools
 import importlib
 import math
 import numbers
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["RewardError", "REWARD_FNS", "get_reward_fn", "check_rewards"]
+__all__ = ["RewardConfig", "RewardError", "REWARD_FNS", "get_reward_fn", "check_rewards"]
+
+
+@dataclass
+class RewardConfig:
+    name: str = "sentiment"
+    """Built-in reward (sentiment, randomwalks) or 'module:function'."""
+    kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for the reward factory."""
+    on_main: bool = False
+    """Several processes: score every process's samples on the main one and send the scores back
+    (trlX's way: one reward model in memory); false = each process scores its own samples."""
+
 
 RewardFn = Callable[..., Any]
 

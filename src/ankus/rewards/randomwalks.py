@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["RandomWalksTask", "generate_random_walks", "shortest_path_lengths", "path_optimality", "spaced_walk",
-           "randomwalk_rows", "walk_is_legal", "randomwalk_eval", "warm_start"]
+           "randomwalk_rows", "walk_is_legal", "randomwalk_eval", "WarmStart", "warm_start"]
 
 _LETTERS = string.ascii_lowercase
 _DELIMITERS = "| \t\n"  # "|" separates nodes when a tokenizer needs it (trlX's GPT-2 variant)
@@ -219,6 +219,16 @@ def randomwalk_eval(model, tok, task_kwargs: dict, samples_per_prompt: int, gen,
     return {"legal_fraction": sum(legal) / len(samples),
             "reach_goal_fraction": sum(1 for s, ok in zip(samples, legal) if ok and goal in s) / len(samples),
             "optimality": sum(opt) / len(opt), "_examples": samples[:8]}
+
+
+@dataclass
+class WarmStart:
+    steps: int = 0
+    """Supervised steps on the task's walks before PPO (:func:`warm_start`); 0 = none."""
+    lr: float = 1e-3
+    """Learning rate of the warm start."""
+    batch_size: int = 32
+    """Batch size of the warm start."""
 
 
 def warm_start(model, tok, *, steps: int, lr: float, batch_size: int, seed: int, walks_seed: int = 1000,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple
 
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ankus import distributed
 from ankus.checkpoint import GracefulExit, NonFiniteGuard, latest_checkpoint, load_checkpoint, save_checkpoint
-from ankus.config import ConfigError, LoRAConfig, ModelConfig, RunConfig, TrainerConfig
+from ankus.config import ConfigError, LoRAConfig, ModelConfig, RunConfig, TrainerConfig, reject_unused
 from ankus.generation.engine import GenerationConfig
 from ankus.losses.ppo import policy_loss, value_loss
 from ankus.models.heads import ValueHead
@@ -47,8 +47,8 @@ from ankus.models.loading import load_model
 from ankus.models.prefix import head_is_plain
 from ankus.models.reference import make_reference
 from ankus.optim import make_optimizer
-from ankus.rewards import RewardError, get_reward_fn
-from ankus.rewards.randomwalks import warm_start
+from ankus.rewards import RewardConfig, RewardError, get_reward_fn
+from ankus.rewards.randomwalks import WarmStart, warm_start
 from ankus.rl.estimators import grpo_advantages, rloo_advantages, sequence_to_token_advantages
 from ankus.rl.gae import gae_advantages
 from ankus.rl.kl import kl_controller, kl_loss, kl_penalised_scores, per_token_rewards, response_kl
@@ -129,27 +129,6 @@ class PromptData:
 
 
 @dataclass
-class RewardConfig:
-    name: str = "sentiment"
-    """Built-in reward (sentiment, randomwalks) or 'module:function'."""
-    kwargs: dict = field(default_factory=dict)
-    """Keyword arguments for the reward factory."""
-    on_main: bool = False
-    """Several processes: score every process's samples on the main one and send the scores back
-    (trlX's way: one reward model in memory); false = each process scores its own samples."""
-
-
-@dataclass
-class WarmStart:
-    steps: int = 0
-    """Supervised steps on the task's demonstration texts before PPO (randomwalks); 0 = none."""
-    lr: float = 1e-3
-    """Learning rate of the warm start."""
-    batch_size: int = 32
-    """Batch size of the warm start."""
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy."""
@@ -169,8 +148,9 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     """Run directory."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    """The adapters of ``method.reference: lora`` (used there, whether or not ``enabled`` is set;
-    any other reference with a non-default ``lora`` section, ``enabled: true`` included, raises)."""
+    """The adapters of ``method.reference: lora``, which needs ``enabled: true`` (the policy trains
+    them, the reference is the model with them off); with any other reference the section stays
+    at its defaults (a set field raises)."""
 
 
 class Nets(NamedTuple):
@@ -196,8 +176,20 @@ def check_config(cfg: Config, sharded: bool = False) -> None:
         raise ConfigError(f"data.eval_samples must be >= 1, got {cfg.data.eval_samples}")
     if tc.grad_accum < 1:
         raise ConfigError(f"trainer.grad_accum must be >= 1 for the ppo trainer, got {tc.grad_accum}")
-    if m.reference != "lora" and cfg.lora != LoRAConfig():
-        raise ConfigError(f"lora.*: the ppo trainer reads it only with method.reference=lora, not '{m.reference}'")
+    if m.reference == "lora" and not cfg.lora.enabled:
+        raise ConfigError("method.reference=lora trains LoRA adapters: set lora.enabled=true for the ppo trainer "
+                          "(and lora.r, lora.alpha, ... as needed)")
+    for unused, section, where, names, why in (
+            (m.estimator != "gae", m, "method", ["gamma", "lam", "vf_coef", "cliprange_value", "whiten_advantages"],
+             f"with method.estimator={m.estimator} (no value head; they shape GAE's advantages)"),
+            (m.reference != "hydra", m, "method", ["cache_trunk"], f"with method.reference={m.reference} (no trunk)"),
+            (cfg.generation.guidance_scale == 1.0, cfg.generation, "generation", ["negative_prompt"],
+             "with generation.guidance_scale=1 (no guidance)"),
+            (not cfg.warm_start.steps, cfg.warm_start, "warm_start", ["lr", "batch_size"], "without warm_start.steps"),
+            (m.reference != "lora", cfg.lora, "lora", [f.name for f in fields(LoRAConfig)],
+             f"unless method.reference=lora (it is '{m.reference}')")):
+        if unused:
+            reject_unused(section, names, "ppo", why, where)
     if cfg.warm_start.steps and cfg.data.prompts != "randomwalks":
         raise ConfigError(f"warm_start.steps: the ppo trainer fits random walks, not {cfg.data.prompts} prompts")
 
@@ -259,9 +251,10 @@ def train(cfg: Config, reward_fn: Callable | None = None, resume: bool = False) 
     model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed, device=device)
     train_prompts, eval_prompts = train_and_eval_prompts(cfg.data.prompts, cfg.data.eval_prompts, cfg.data.num_eval,
                                                          walks_seed=cfg.reward.kwargs.get("seed", 1000))
-    if cfg.warm_start.steps:  # a supervised fit on the task's walks (steps, lr, batch_size)
-        warm_start(model, tok, **vars(cfg.warm_start), seed=tc.seed, walks_seed=cfg.reward.kwargs.get("seed", 1000),
-                   progress=cfg.run.progress)
+    ws = cfg.warm_start
+    if ws.steps:  # a supervised fit on the task's walks
+        warm_start(model, tok, steps=ws.steps, lr=ws.lr, batch_size=ws.batch_size, seed=tc.seed,
+                   walks_seed=cfg.reward.kwargs.get("seed", 1000), progress=cfg.run.progress)
     distributed.broadcast_parameters(model)  # every process starts from rank 0's weights, bit for bit
     nets = _build_nets(model, cfg, device, sharded)
     opt, sched = _make_optimizer(nets, tc, sharded)
