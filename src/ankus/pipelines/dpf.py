@@ -53,6 +53,7 @@ from ankus.config import LoRAConfig, ModelConfig, RunConfig, TrainerConfig, reje
 from ankus.data.assets import PinkElephantPair, pink_elephant_pairs
 from ankus.data.io import DataError, read_jsonl, write_jsonl
 from ankus.generation.engine import GenerationConfig
+from ankus.losses.ppo import logprobs_from_logits
 from ankus.rewards.mentions import mentions
 from ankus.trainers.dpo import DPOMethod, PreferenceData
 
@@ -419,9 +420,8 @@ def response_nll(model, tokenizer, conversations: Sequence[list[dict]], response
                 ids[i, :len(p) + len(r)] = torch.tensor(p + r)
                 attn[i, :len(p) + len(r)] = 1
                 target[i, len(p):len(p) + len(r)] = True
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()  # (B, T, V)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V): position t predicts token t+1
-            tok_logp = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits  # (B, T, V)
+            tok_logp = logprobs_from_logits(logits[:, :-1], ids[:, 1:].to(device))  # (B, T-1): t predicts t+1
             mask = target[:, 1:].to(device)
             total += float(-(tok_logp * mask).sum())
             count += int(mask.sum())
