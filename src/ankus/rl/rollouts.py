@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ankus import distributed
-from ankus.data.tokens import position_ids_from_mask
+from ankus.data.tokens import pad_id, position_ids_from_mask
 from ankus.generation.engine import GenerationConfig, GenerationOutput, concat_outputs, generate
 from ankus.generation.packing import release_packed
 from ankus.losses.ppo import head_logprobs, logprobs_from_logits, rows_per_chunk, token_entropy
@@ -278,8 +278,7 @@ def generate_rollouts(policy, tok, prompts: list[str], gen_cfg: GenerationConfig
     release_packed(policy)
     widths = torch.tensor([max(o.prompt_ids.shape[1] for o in outs), max(o.response_ids.shape[1] for o in outs)])
     P, N = distributed.all_reduce_max(widths).tolist()
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    return concat_outputs(outs, pad_id, P, N)
+    return concat_outputs(outs, pad_id(tok), P, N)
 
 
 def call_reward(reward_fn: Callable, prompts: list[str], outputs: list[str], batch) -> list:

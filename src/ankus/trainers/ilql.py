@@ -362,9 +362,7 @@ def _build(cfg: Config, resume: bool) -> _Run:
     torch.manual_seed(cfg.trainer.seed)
     run_dir = distributed.on_main(create_run_dir, cfg.run, "ilql", cfg, exist_ok=resume)
     device = distributed.resolve_device(cfg.trainer.device)
-    model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed)  # pad token set
     model.to(device)
     prompts, completions, rewards = load_samples(cfg.data)
     returns = standardize_returns(rewards) if cfg.method.standardize_returns else list(rewards)
