@@ -68,6 +68,9 @@ class PretrainData:
     """Validation rows evaluated (the first ones); 0 = all of the held-out documents."""
     isolate_documents: bool = False
     """Attention stays inside a document within a packed row (positions restart per document)."""
+    extra_val: list[str] = field(default_factory=list)
+    """More corpus directories whose held-out documents (the same seeded split) are evaluated with
+    the validation loss, as loss/val_<directory name>: forgetting of an earlier corpus, say."""
 
 
 @dataclass
@@ -246,8 +249,23 @@ def _prepare_data(cfg: Config, tok, world: int):
     if n_rows < global_batch:
         raise DataError(f"corpus {d.corpus}: its training split makes {n_rows} rows of {d.seq_length} tokens, "
                         f"fewer than one step's {global_batch} (trainer.batch_size x processes); lower either")
-    val = epoch_stream(corpus.documents, val_ix, None) if val_ix else None
-    return corpus, train_ix, val, n_rows, global_batch
+    vals = {"": epoch_stream(corpus.documents, val_ix, None)} if val_ix else {}
+    for path in d.extra_val:
+        other = load_corpus(path)
+        check_tokenizer(other, tok, cfg.model.spec)
+        other_val = split_documents(len(other.documents), d.val_fraction, tc.seed)[1]
+        name = Path(path).resolve().name
+        if not other_val or name in vals:
+            raise DataError(f"data.extra_val: corpus {path} " + ("holds no held-out document at data.val_fraction="
+                            f"{d.val_fraction}" if not other_val else f"has the same directory name as another"))
+        vals[name] = epoch_stream(other.documents, other_val, None)
+    return corpus, train_ix, vals, n_rows, global_batch
+
+
+def _val_metrics(losses: dict[str, float]) -> dict[str, float]:
+    """``{"loss/val", "ppl/val"}`` of the training corpus and ``loss/val_<name>`` of the extra ones."""
+    out = {"loss/val": losses[""], "ppl/val": math.exp(min(losses[""], 50.0))} if "" in losses else {}
+    return {**out, **{f"loss/val_{k}": v for k, v in losses.items() if k}}
 
 
 def _micro(rows: list[int], grad_accum: int) -> list[list[int]]:
@@ -344,7 +362,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     head_dtype = _check_config(cfg, sharded, chunk)
     run_dir = distributed.on_main(create_run_dir, cfg.run, "pretrain", cfg, exist_ok=resume)
     model, tok, params, multiplier = _setup_model(cfg, device, sharded)
-    corpus, train_ix, val, n_rows, global_batch = _prepare_data(cfg, tok, ds.world_size)
+    corpus, train_ix, vals, n_rows, global_batch = _prepare_data(cfg, tok, ds.world_size)
     on_main_or_all = (lambda fn, *a, **k: fn(*a, **k)) if sharded else distributed.on_main
     opt, sched = make_optimizer(params, tc, multiplier=multiplier, fused=cfg.method.fused_adamw and not sharded)
     start = _resume(run_dir, model, opt, sched, corpus) if resume else 0
@@ -360,10 +378,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                             scheduler=sched, generators=rngs, extra=extra, keep_last=tc.keep_last)
 
     def validate() -> dict[str, float]:
-        if val is None:
-            return {}
-        loss = on_main_or_all(evaluate, model, val[0], val[1], cfg, tc.batch_size)
-        return {"loss/val": loss, "ppl/val": math.exp(min(loss, 50.0))}
+        return _val_metrics({k: on_main_or_all(evaluate, model, *v, cfg, tc.batch_size) for k, v in vals.items()})
 
     per_epoch = n_rows // global_batch
     stream: dict[int, tuple] = {}
