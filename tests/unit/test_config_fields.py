@@ -53,6 +53,23 @@ def _rm_jsonl(tmp: Path) -> str:
     return str(path)
 
 
+def _pretrain(tmp: Path) -> dict:
+    import random
+
+    from ankus.data.corpus import build_corpus
+
+    corpus = tmp / "corpus"
+    if not corpus.exists():
+        words, r = "the cat sat on a mat and dog ran far away".split(), random.Random(0)
+        (tmp / "texts").mkdir()
+        for i in range(8):
+            (tmp / "texts" / f"d{i}.txt").write_text(" ".join(r.choice(words) for _ in range(60)))
+        build_corpus(str(tmp / "texts"), corpus)
+    return {"model": {"spec": "tiny-llama"}, "data": {"corpus": str(corpus), "seq_length": 32, "val_fraction": 0.25},
+            "trainer": {"batch_size": 2, "total_steps": 3, "warmup_steps": 1, "device": "cpu"},
+            "method": {"eval_every": 2, "loss_chunk": 64}, "run": _run(tmp)}
+
+
 CASES = [
     TrainerCase(
         "sft",
@@ -84,6 +101,15 @@ CASES = [
                                "data.chosen_field": "good", "data.rejected_field": "bad", "data.eval_fraction": 0.25,
                                "data.batching": "pack", "lora.enabled": True}},
         {"data.kwargs": {"n_train": 8}, "data.eval_name": "{jsonl}", "lora.target": ["q_proj"]},
+    ),
+    TrainerCase(
+        "pretrain",
+        _pretrain,
+        {"base": {},
+         "relora": {"relora.enabled": True, "relora.r": 2, "relora.reset_every": 1, "relora.restart_warmup": 1,
+                    "relora.warm_start_steps": 1}},
+        {"relora.target": ["q_proj"], "relora.restart_warmup": 2, "model.spec": "llama-5m",
+         "data.extra_val": ["{corpus}"]},
     ),
 ]
 
@@ -154,6 +180,8 @@ def _other_value(tp: Any, default: Any) -> Any:
 
 
 def _expand(value: Any, tmp: Path) -> Any:
+    if value == ["{corpus}"]:
+        return [str(tmp / "corpus")]
     return _rm_jsonl(tmp) if value == "{jsonl}" else value
 
 
@@ -205,9 +233,9 @@ def test_the_recording_counts_reads_by_ankus_code_only():
 
 
 def test_generic_values_differ_from_the_defaults():
-    from ankus.trainers import dpo, reward_model, sft
+    from ankus.trainers import dpo, pretrain, reward_model, sft
 
-    for module in (sft, dpo, reward_model):
+    for module in (sft, dpo, reward_model, pretrain):
         for path, (tp, default) in _leaves(module.Config()).items():
             try:
                 value = _other_value(tp, default)
