@@ -196,3 +196,17 @@ def test_rewarming_continues_from_the_weights_with_a_new_warmup(tmp_path, corpor
     assert all(np.isfinite(r[f"loss/val_{name}"]) for r in val_rows) and len(val_rows) >= 3
     a_val = [r for r in read_metrics(a) if "loss/val" in r][-1]["loss/val"]
     assert val_rows[-1][f"loss/val_{name}"] != pytest.approx(a_val, abs=1e-6)  # B's training moved it
+
+
+def test_rewarm_recipe_continues_a_saved_model_with_its_own_warmup():
+    from ankus.config import read_yaml
+    from ankus.recipes import resolve_recipe
+    from ankus.trainers.pretrain import Config
+
+    data = read_yaml(resolve_recipe("pretrain_rewarm"))
+    cfg = build(Config, data)
+    stdlib = read_yaml(resolve_recipe("pretrain_stdlib"))
+    assert cfg.model.spec == f"runs/{stdlib['run']['name']}/model" and cfg.trainer.warmup_steps > 0
+    assert cfg.data.extra_val == [stdlib["data"]["corpus"]] and cfg.data.corpus != stdlib["data"]["corpus"]
+    assert cfg.trainer.lr_schedule == "cosine" and cfg.trainer.seed == build(Config, stdlib).trainer.seed
+    assert cfg.data.val_fraction == stdlib["data"]["val_fraction"]  # the same held-out stdlib documents
