@@ -93,7 +93,7 @@ def main() -> None:
                              "val_B": r["loss/val"]})
         curves += rows
         summary.append({"run": name, "max_lr": lr, "warmup": warmup, "schedule": schedule,
-                        "val_B_max_early": max(r["val_B"] for r in rows[:4]),
+                        "val_A_first": rows[1]["val_A"], "val_B_first": rows[1]["val_B"],
                         "val_A_max": max(r["val_A"] for r in rows), "val_A_final": rows[-1]["val_A"],
                         "val_B_min": min(r["val_B"] for r in rows), "val_B_final": rows[-1]["val_B"]})
     with open(out / "curves.csv", "w", newline="") as f:
@@ -107,10 +107,11 @@ def main() -> None:
     plot(curves, list(runs), out / "rewarm.png", start)
     print(f"\nA: llama-5m on {args.corpus_a}, {args.steps_a} steps; before continuing: val_A {start['A']:.3f}, "
           f"val_B {start['B']:.3f}")
-    print(f"{'run':<22}{'max lr':>8}{'warmup':>7}{'val_B<=30':>10}{'val_A max':>10}{'val_A end':>10}"
+    print(f"(val_A/val_B first: at the first evaluation, step {args.eval_every})")
+    print(f"{'run':<22}{'max lr':>8}{'warmup':>7}{'val_A first':>12}{'val_B first':>12}{'val_A max':>10}{'val_A end':>10}"
           f"{'val_B min':>10}{'val_B end':>10}")
     for s in summary:
-        print(f"{s['run']:<22}{s['max_lr']:>8.0e}{s['warmup']:>7}{s['val_B_max_early']:>10.3f}{s['val_A_max']:>10.3f}"
+        print(f"{s['run']:<22}{s['max_lr']:>8.0e}{s['warmup']:>7}{s['val_A_first']:>12.3f}{s['val_B_first']:>12.3f}{s['val_A_max']:>10.3f}"
               f"{s['val_A_final']:>10.3f}{s['val_B_min']:>10.3f}{s['val_B_final']:>10.3f}")
     print(f"wall {time.time() - t0:.0f} s; wrote {out}/curves.csv, summary.csv, rewarm.png")
 

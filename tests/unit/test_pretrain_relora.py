@@ -210,3 +210,12 @@ def test_rewarm_recipe_continues_a_saved_model_with_its_own_warmup():
     assert cfg.data.extra_val == [stdlib["data"]["corpus"]] and cfg.data.corpus != stdlib["data"]["corpus"]
     assert cfg.trainer.lr_schedule == "cosine" and cfg.trainer.seed == build(Config, stdlib).trainer.seed
     assert cfg.data.val_fraction == stdlib["data"]["val_fraction"]  # the same held-out stdlib documents
+
+
+def test_a_validation_is_logged_even_off_the_log_cadence(tmp_path, corpora):
+    run = Path(run_recipe("pretrain_tiny", [f"data.corpus={corpora[0]}", f"run.out_dir={tmp_path}", "run.progress=false",
+                                            "trainer.log_every=3", "method.eval_every=2", "trainer.total_steps=5",
+                                            "run.save_model=false"])["run_dir"])
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows if "loss/val" in r] == [2, 4, 5]
+    assert [r["step"] for r in rows if "loss/train" in r] == [2, 3, 4, 5]

@@ -407,9 +407,9 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                        "tokens": done * global_batch * d.seq_length,
                        "perf/tokens_per_s": global_batch * d.seq_length / max(dt, 1e-9), "skipped_steps": guard.skipped,
                        **restart}
-            if cfg.method.eval_every and done % cfg.method.eval_every == 0:
-                metrics.update(validate())
-            if done % tc.log_every == 0 or done == tc.total_steps:
+            evaluated = bool(cfg.method.eval_every) and done % cfg.method.eval_every == 0
+            metrics.update(validate() if evaluated else {})
+            if evaluated or done % tc.log_every == 0 or done == tc.total_steps:  # a validation is always logged
                 logger.log(done, metrics)
             bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
             if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.total_steps:
