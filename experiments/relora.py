@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 import time
 from pathlib import Path
@@ -69,7 +70,9 @@ def main() -> None:
             "relora": [*adapters, f"relora.reset_every={args.reset}"]}
     rows = []
     for name, extra in runs.items():
-        summary = run_pretrain("pretrain_tiny", [*common, *extra, f"run.name={name}"], out / f"{name}.json")
+        done = out / f"{name}.json"  # a finished run is reused (delete it to rerun)
+        summary = (json.loads(done.read_text()) if done.exists() and (out / name / "model").exists()
+                   else run_pretrain("pretrain_tiny", [*common, *extra, f"run.name={name}"], done))
         metrics = read_metrics(out / name)
         dts = [8 * 128 / m["perf/tokens_per_s"] for m in metrics if "perf/tokens_per_s" in m and m["step"] > args.warm]
         delta = weight_at(out / name, None) - weight_at(out / name, args.warm)

@@ -81,25 +81,32 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: list[Tensor]
                           ratio: float = 0.99, generator: torch.Generator | None = None) -> None:
     """Zero (``full``) or prune (``random``, ``magnitude``: a fraction ``ratio`` of the entries set
     to 0) every moment tensor the optimizer keeps for ``params``; other parameters are untouched.
-    The step count is kept, so Adam's bias correction does not re-inflate the fresh moments."""
+
+    One mask per parameter, applied to all of its moments: random, or the smallest entries of the
+    first moment (``exp_avg``, else the first moment-shaped tensor) by magnitude. Pruning the first
+    and second moments apart would keep some ``exp_avg`` entries whose ``exp_avg_sq`` is gone, and
+    Adam's next step there, m / sqrt(v) with v rebuilt from one gradient, is many times too large
+    (a loss spike at the reset). The step count is kept, so Adam's bias correction does not
+    re-inflate the fresh moments."""
     if mode not in ("full", "random", "magnitude"):
         raise ValueError(f"unknown optimizer reset '{mode}'; expected full, random or magnitude")
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"prune ratio must be in [0, 1], got {ratio}")
     for p in params:
-        for key, value in optimizer.state.get(p, {}).items():
-            if key == "step" or not torch.is_tensor(value) or value.shape != p.shape:
-                continue
-            if mode == "full" or ratio >= 1.0:
-                value.zero_()
-            elif mode == "random":
-                keep = torch.rand(value.shape, generator=generator, dtype=torch.float32).to(value.device) >= ratio
-                value.mul_(keep.to(value.dtype))
-            else:
-                k = int(round(ratio * value.numel()))  # entries pruned
-                if k > 0:
-                    threshold = value.abs().flatten().kthvalue(k).values
-                    value.masked_fill_(value.abs() <= threshold, 0.0)
+        state = optimizer.state.get(p, {})
+        moments = {k: v for k, v in state.items() if k != "step" and torch.is_tensor(v) and v.shape == p.shape}
+        if not moments:
+            continue
+        if mode == "full" or ratio >= 1.0:
+            keep = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+        elif mode == "random":
+            keep = torch.rand(p.shape, generator=generator, dtype=torch.float32).to(p.device) >= ratio
+        else:
+            first = moments.get("exp_avg", next(iter(moments.values()))).abs()
+            k = int(round(ratio * first.numel()))  # entries pruned
+            keep = first > first.flatten().kthvalue(k).values if k > 0 else torch.ones_like(first, dtype=torch.bool)
+        for value in moments.values():
+            value.mul_(keep.to(value.dtype))
 
 
 def update_rank(delta: Tensor, rtol: float = 1e-4) -> int:
