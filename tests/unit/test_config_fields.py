@@ -132,8 +132,11 @@ CASES = [
                      "trainer": {"batch_size": 2, "total_steps": 2, "warmup_steps": 0}, "method": {"eval_every": 1},
                      "run": _run(tmp)},
         {"base": {}, "isolated_accum": {"data.isolate_documents": True, "trainer.grad_accum": 2,
-                                        "method.head_dtype": "bfloat16", "data.val_rows": 1}},
-        {},
+                                        "method.head_dtype": "bfloat16", "data.val_rows": 1},
+         "relora": {"relora.enabled": True, "relora.r": 2, "relora.reset_every": 1, "relora.restart_warmup": 1,
+                    "relora.warm_start_steps": 1, "trainer.total_steps": 3}},
+        {"relora.target": ["q_proj"], "relora.restart_warmup": 2, "model.spec": "llama-5m",
+         "data.extra_val": ["{corpus}"]},
     ),
 ]
 
@@ -204,6 +207,8 @@ def _other_value(tp: Any, default: Any) -> Any:
 
 
 def _expand(value: Any, tmp: Path) -> Any:
+    if value == ["{corpus}"]:
+        return [str(tmp / "corpus")]
     return _rm_jsonl(tmp) if value == "{jsonl}" else value
 
 

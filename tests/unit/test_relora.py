@@ -69,6 +69,18 @@ def test_magnitude_pruning_by_hand():
         assert torch.equal(opt.state[q][k], v)
 
 
+def test_pruning_keeps_the_same_entries_of_both_moments():
+    """A first moment kept where the second was pruned would make Adam's next step m / sqrt(v) huge."""
+    opt, p, _ = _adam_with_state([1.0, -4.0, 2.0, -3.0])
+    opt.state[p]["exp_avg_sq"].copy_(torch.tensor([9.0, 1.0, 8.0, 7.0]))  # largest where |m| is small
+    reset_optimizer_state(opt, [p], "magnitude", ratio=0.5)
+    assert opt.state[p]["exp_avg"].tolist() == [0.0, -4.0, 0.0, -3.0]
+    assert opt.state[p]["exp_avg_sq"].tolist() == [0.0, 1.0, 0.0, 7.0]  # masked where exp_avg is
+    opt, p, _ = _adam_with_state([1.0] * 1000)
+    reset_optimizer_state(opt, [p], "random", ratio=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(opt.state[p]["exp_avg"] != 0, opt.state[p]["exp_avg_sq"] != 0)
+
+
 def test_full_and_random_pruning():
     opt, p, _ = _adam_with_state([1.0] * 1000)
     reset_optimizer_state(opt, [p], "random", ratio=0.9, generator=torch.Generator().manual_seed(0))

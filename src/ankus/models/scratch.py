@@ -5,6 +5,8 @@ shapes are chosen around them:
 
 * ``llama-20m``: Llama (RMSNorm, SwiGLU, rotary, grouped-query attention), tied input and output
   embeddings as SmolLM2 has them; 256 wide, 10 layers, 8 heads (4 key/value heads).
+* ``llama-5m``: the same Llama, 96 wide and 4 layers, for experiments that must fit minutes on one
+  CPU thread (docs/efficient_training.md).
 * ``pythia-20m``: GPT-NeoX shaped like Pythia: parallel residual (attention and MLP read the same
   input), rotary on 25% of each head, LayerNorm, GELU, an untied output head; 192 wide, 4 layers,
   3 heads. The untied head costs another 49,152 x 192 parameters, hence the narrower width.
@@ -36,6 +38,11 @@ SCRATCH_MODELS: dict[str, ScratchSpec] = {
                              dict(hidden_size=256, intermediate_size=768, num_hidden_layers=10, num_attention_heads=8,
                                   num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True,
                                   rope_theta=10000.0)),
+    "llama-5m": ScratchSpec("llama", "random-init Llama for CPU experiments, 4 layers x 96 wide, tied embeddings "
+                            "(5.1M params with SmolLM2's tokenizer, 4.7M of them the embeddings)",
+                            dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+                                 rope_theta=10000.0)),
     "pythia-20m": ScratchSpec("gpt-neox", "random-init Pythia-shaped GPT-NeoX for pretraining, 4 layers x 192 wide, "
                               "parallel residual, rotary_pct 0.25, untied head (20.7M params)",
                               dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,

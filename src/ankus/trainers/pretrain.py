@@ -17,6 +17,14 @@ time, never the whole batch's (tokens, vocabulary) logits); under FSDP the model
 
 Continued pretraining: ``model.spec`` may be an earlier run's ``model/`` directory. A corpus built
 with another tokenizer than the model's is refused, as is resuming onto a different corpus.
+Re-warming (Gupta et al. 2023) is such a run with its own ``trainer.warmup_steps``, ``trainer.lr``
+(the new maximum) and schedule: recipe ``pretrain_rewarm``.
+
+ReLoRA (``relora.enabled``, :mod:`ankus.models.relora`): after ``relora.warm_start_steps``
+full-rank steps only LoRA adapters on the attention and MLP linears train; every
+``relora.reset_every`` steps they are merged into their weights and restarted, the adapters'
+Adam moments pruned, and the LR re-warmed (ReLoRA's jagged schedule). Checkpoints hold the peft
+model; the saved ``model/`` is a plain transformers model with the adapters merged.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from ankus.data.io import DataError
 from ankus.losses.lm import linear_cross_entropy
 from ankus.models.heads import output_head_bypassed
 from ankus.models.loading import load_model
+from ankus.models.relora import ReLoRAConfig, apply_relora, check_relora, relora_phase, relora_step
 from ankus.optim import make_optimizer
 from ankus.runs import MetricsLogger, create_run_dir, plot_metrics, save_hf_model, truncate_metrics
 
@@ -59,6 +68,9 @@ class PretrainData:
     """Validation rows evaluated (the first ones); 0 = all of the held-out documents."""
     isolate_documents: bool = False
     """Attention stays inside a document within a packed row (positions restart per document)."""
+    extra_val: list[str] = field(default_factory=list)
+    """More corpus directories whose held-out documents (the same seeded split) are evaluated with
+    the validation loss, as loss/val_<directory name>: forgetting of an earlier corpus, say."""
 
 
 @dataclass
@@ -86,6 +98,8 @@ class Config:
     """The corpus and how it is packed."""
     method: PretrainMethod = field(default_factory=PretrainMethod)
     """Evaluation cadence and the fast paths."""
+    relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
+    """ReLoRA: train through LoRA adapters merged and restarted every relora.reset_every steps."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run directory."""
 
@@ -235,8 +249,23 @@ def _prepare_data(cfg: Config, tok, world: int):
     if n_rows < global_batch:
         raise DataError(f"corpus {d.corpus}: its training split makes {n_rows} rows of {d.seq_length} tokens, "
                         f"fewer than one step's {global_batch} (trainer.batch_size x processes); lower either")
-    val = epoch_stream(corpus.documents, val_ix, None) if val_ix else None
-    return corpus, train_ix, val, n_rows, global_batch
+    vals = {"": epoch_stream(corpus.documents, val_ix, None)} if val_ix else {}
+    for path in d.extra_val:
+        other = load_corpus(path)
+        check_tokenizer(other, tok, cfg.model.spec)
+        other_val = split_documents(len(other.documents), d.val_fraction, tc.seed)[1]
+        name = Path(path).resolve().name
+        if not other_val or name in vals:
+            raise DataError(f"data.extra_val: corpus {path} " + ("holds no held-out document at data.val_fraction="
+                            f"{d.val_fraction}" if not other_val else "has the same directory name as another"))
+        vals[name] = epoch_stream(other.documents, other_val, None)
+    return corpus, train_ix, vals, n_rows, global_batch
+
+
+def _val_metrics(losses: dict[str, float]) -> dict[str, float]:
+    """``{"loss/val", "ppl/val"}`` of the training corpus and ``loss/val_<name>`` of the extra ones."""
+    out = {"loss/val": losses[""], "ppl/val": math.exp(min(losses[""], 50.0))} if "" in losses else {}
+    return {**out, **{f"loss/val_{k}": v for k, v in losses.items() if k}}
 
 
 def _micro(rows: list[int], grad_accum: int) -> list[list[int]]:
@@ -289,7 +318,20 @@ def _resume(run_dir: Path, model, opt, sched, corpus: Corpus) -> int:
     return state["step"]
 
 
+def _check_config(cfg: Config, sharded: bool, chunk: int) -> torch.dtype:
+    """The fused loss's head dtype, after refusing settings that cannot run."""
+    if cfg.method.head_dtype != "float32" and chunk == 0:
+        raise ConfigError(f"pretrain: method.head_dtype={cfg.method.head_dtype} applies to the fused loss only, which "
+                          f"{'FSDP does not use' if sharded else 'method.loss_chunk=0 turns off'}; set "
+                          "method.head_dtype=float32")
+    check_relora(cfg.relora, cfg.trainer, "pretrain")
+    return getattr(torch, cfg.method.head_dtype)
+
+
 def _setup_model(cfg: Config, device, sharded: bool):
+    """``(model, tokenizer, the optimizer's parameters, LR multiplier or None)``; seeds the RNGs first."""
+    random.seed(cfg.trainer.seed)
+    torch.manual_seed(cfg.trainer.seed)
     model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed, device=device)
     if cfg.data.isolate_documents and not packing_is_exact(model):
         raise DataError(f"data.isolate_documents: model '{cfg.model.spec}' does not keep packed documents apart "
@@ -297,10 +339,15 @@ def _setup_model(cfg: Config, device, sharded: bool):
     if model.get_input_embeddings().weight.shape[0] < len(tok):
         raise DataError(f"model '{cfg.model.spec}' has {model.get_input_embeddings().weight.shape[0]} embeddings, "
                         f"fewer than its tokenizer's {len(tok)} tokens")
+    multiplier = None
+    if cfg.relora.enabled:
+        model, params, multiplier = apply_relora(model, cfg.relora, cfg.trainer)
     if sharded:
         distributed.fsdp_wrap(model)
     model.train()
-    return model, tok
+    if multiplier is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    return model, tok, params, multiplier
 
 
 def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
@@ -312,20 +359,15 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     device = distributed.resolve_device(tc.device)
     sharded = distributed.use_fsdp(tc.fsdp)
     chunk = 0 if sharded else cfg.method.loss_chunk  # under FSDP the head's weight is a shard outside forward
-    if cfg.method.head_dtype != "float32" and chunk == 0:
-        raise ConfigError(f"pretrain: method.head_dtype={cfg.method.head_dtype} applies to the fused loss only, which "
-                          f"{'FSDP does not use' if sharded else 'method.loss_chunk=0 turns off'}; set "
-                          "method.head_dtype=float32")
-    head_dtype = getattr(torch, cfg.method.head_dtype)
-    random.seed(tc.seed)
-    torch.manual_seed(tc.seed)
+    head_dtype = _check_config(cfg, sharded, chunk)
     run_dir = distributed.on_main(create_run_dir, cfg.run, "pretrain", cfg, exist_ok=resume)
-    model, tok = _setup_model(cfg, device, sharded)
-    corpus, train_ix, val, n_rows, global_batch = _prepare_data(cfg, tok, ds.world_size)
+    model, tok, params, multiplier = _setup_model(cfg, device, sharded)
+    corpus, train_ix, vals, n_rows, global_batch = _prepare_data(cfg, tok, ds.world_size)
     on_main_or_all = (lambda fn, *a, **k: fn(*a, **k)) if sharded else distributed.on_main
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = make_optimizer(params, tc, fused=cfg.method.fused_adamw and not sharded)
+    opt, sched = make_optimizer(params, tc, multiplier=multiplier, fused=cfg.method.fused_adamw and not sharded)
     start = _resume(run_dir, model, opt, sched, corpus) if resume else 0
+    if cfg.relora.enabled:
+        relora_phase(model, cfg.relora, start)  # what trains at the step the run (re)starts from
     extra = {"algorithm": "pretrain", "corpus": corpus.manifest["content_hash"],
              "tokenizer": corpus.manifest["tokenizer"]["fingerprint"]}
 
@@ -336,10 +378,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                             scheduler=sched, generators=rngs, extra=extra, keep_last=tc.keep_last)
 
     def validate() -> dict[str, float]:
-        if val is None:
-            return {}
-        loss = on_main_or_all(evaluate, model, val[0], val[1], cfg, tc.batch_size)
-        return {"loss/val": loss, "ppl/val": math.exp(min(loss, 50.0))}
+        return _val_metrics({k: on_main_or_all(evaluate, model, *v, cfg, tc.batch_size) for k, v in vals.items()})
 
     per_epoch = n_rows // global_batch
     stream: dict[int, tuple] = {}
@@ -359,23 +398,26 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             tokens, starts, batches = stream[epoch]
             rows = list(distributed.shard(batches[b]))  # this process's block of the global batch
             t0 = time.perf_counter()
+            restart = relora_step(model, opt, cfg.relora, step, tc.seed) if cfg.relora.enabled else {}
             micro = [make_rows(tokens, starts, mb, d.seq_length, d.isolate_documents) for mb in _micro(rows, tc.grad_accum)]
             total, grad_norm, lr = _step(model, micro, params, opt, sched, guard, tc, (chunk, head_dtype), sharded)
             dt = time.perf_counter() - t0
             done = step + 1
             metrics = {"loss/train": total, "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch,
                        "tokens": done * global_batch * d.seq_length,
-                       "perf/tokens_per_s": global_batch * d.seq_length / max(dt, 1e-9), "skipped_steps": guard.skipped}
-            if cfg.method.eval_every and done % cfg.method.eval_every == 0:
-                metrics.update(validate())
-            if done % tc.log_every == 0 or done == tc.total_steps:
+                       "perf/tokens_per_s": global_batch * d.seq_length / max(dt, 1e-9), "skipped_steps": guard.skipped,
+                       **restart}
+            evaluated = bool(cfg.method.eval_every) and done % cfg.method.eval_every == 0
+            metrics.update(validate() if evaluated else {})
+            if done % tc.log_every == 0 or evaluated or done == tc.total_steps:  # a validation is always logged
                 logger.log(done, metrics)
             bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
             if stop.after_step(done, tc.total_steps, tc.checkpoint_every, checkpoint, "pretrain"):
                 stopped = True
                 break
     summary = {"run_dir": str(run_dir), "train_documents": len(train_ix), "val_documents": len(corpus.documents) - len(train_ix),
-               "rows_per_epoch": n_rows, "stopped": stopped, "loss/train": metrics.get("loss/train")}
+               "rows_per_epoch": n_rows, "stopped": stopped, "loss/train": metrics.get("loss/train"),
+               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if not stopped:
         summary.update(_finish(cfg, model, tok, run_dir, logger, validate, checkpoint, sharded))
     logger.close()
