@@ -132,7 +132,8 @@ CASES = [
                      "trainer": {"batch_size": 2, "total_steps": 2, "warmup_steps": 0}, "method": {"eval_every": 1},
                      "run": _run(tmp)},
         {"base": {}, "isolated_accum": {"data.isolate_documents": True, "trainer.grad_accum": 2,
-                                        "method.head_dtype": "bfloat16", "data.val_rows": 1}},
+                                        "method.head_dtype": "bfloat16", "data.val_rows": 1},
+         "rope_yarn": {"rope.method": "yarn", "rope.factor": 2.0, "rope.original_max": 16}},
         {},
     ),
 ]

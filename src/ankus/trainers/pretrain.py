@@ -40,6 +40,7 @@ from ankus.data.io import DataError
 from ankus.losses.lm import linear_cross_entropy
 from ankus.models.heads import output_head_bypassed
 from ankus.models.loading import load_model
+from ankus.models.rope import RopeConfig, apply_rope_config
 from ankus.optim import make_optimizer
 from ankus.runs import MetricsLogger, create_run_dir, plot_metrics, save_hf_model, truncate_metrics
 
@@ -86,6 +87,8 @@ class Config:
     """The corpus and how it is packed."""
     method: PretrainMethod = field(default_factory=PretrainMethod)
     """Evaluation cadence and the fast paths."""
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    """RoPE scaling applied after loading (context extension, e.g. YaRN); static ones are saved with the model."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run directory."""
 
@@ -291,6 +294,7 @@ def _resume(run_dir: Path, model, opt, sched, corpus: Corpus) -> int:
 
 def _setup_model(cfg: Config, device, sharded: bool):
     model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed, device=device)
+    apply_rope_config(model, cfg.rope, "pretrain", cfg.run.save_model)
     if cfg.data.isolate_documents and not packing_is_exact(model):
         raise DataError(f"data.isolate_documents: model '{cfg.model.spec}' does not keep packed documents apart "
                         "(it ignores restarting position ids); set data.isolate_documents=false")
