@@ -17,6 +17,8 @@ time, never the whole batch's (tokens, vocabulary) logits); under FSDP the model
 
 Continued pretraining: ``model.spec`` may be an earlier run's ``model/`` directory. A corpus built
 with another tokenizer than the model's is refused, as is resuming onto a different corpus.
+Context extension: the ``rope:`` section scales the loaded model's RoPE (:func:`ankus.models.rope.apply_rope_config`)
+before training at the longer ``data.seq_length``; recipe ``pretrain_extend`` (YaRN, s = 4).
 """
 
 from __future__ import annotations
