@@ -76,6 +76,24 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
         perplexity_by_length(Uniform(), list(range(10)), [8], windows=2)
 
 
+class Recording(Uniform):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, input_ids, logits_to_keep=0, **_):
+        self.seen.append(input_ids[0].tolist())
+        return super().forward(input_ids, logits_to_keep)
+
+
+def test_every_length_scores_the_same_text():
+    model = Recording()
+    rows = perplexity_by_length(model, list(range(100)), [4, 8, 16], windows=2)
+    assert [r["windows"] for r in rows] == [8, 4, 2]
+    spans = [sum(model.seen[:8], []), sum(model.seen[8:12], []), sum(model.seen[12:], [])]
+    assert spans == [list(range(32))] * 3  # the first 2 x 16 tokens, whatever the window length
+
+
 def test_compare_scalings_runs_each_method_on_a_copy(tok):
     model, _ = load_model("tiny-llama")
     tokens = tok.encode("the quick brown fox jumps over the lazy dog " * 20)

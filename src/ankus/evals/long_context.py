@@ -8,8 +8,8 @@ log-probability and, unlike step-by-step decoding, sees one RoPE scale for the w
 under dynamic scaling.
 
 Perplexity by length: the mean next-token loss over windows of ``n`` tokens of real text,
-for several ``n``; a model whose context does not extend shows a loss that climbs past its
-training length.
+for several ``n``, every ``n`` scoring the same span of text; a model whose context does not
+extend shows a loss that climbs past its training length.
 
 Both compare RoPE scalings (``ankus.models.rope.METHODS``) on fresh copies of one model.
 """
@@ -95,20 +95,24 @@ def passkey(model: nn.Module, tokenizer, lengths: Sequence[int], trials: int = 2
 
 @torch.no_grad()
 def perplexity_by_length(model: nn.Module, tokens: Sequence[int], lengths: Sequence[int], windows: int = 4) -> list[dict]:
-    """Mean next-token NLL (and its exp) over ``windows`` disjoint windows of each length."""
+    """Mean next-token NLL (and its exp) over disjoint windows of each length, every length over the
+    same text: the first ``windows x max(lengths)`` tokens, cut into ``span // n`` windows of ``n``.
+    (Windows counted per length would score more text for the longer lengths, and text differs
+    in difficulty far more than context helps.) A window's first token is no target."""
     device = next(model.parameters()).device
+    span = max(lengths) * windows
+    if len(tokens) < span:
+        raise ValueError(f"{len(tokens)} tokens are too few for {windows} windows of {max(lengths)}; "
+                         "give a longer text or fewer windows")
     rows = []
     for n in lengths:
-        if len(tokens) < n * windows:
-            raise ValueError(f"{len(tokens)} tokens are too few for {windows} windows of {n}; "
-                             "give a longer text or fewer windows")
         nll, count = 0.0, 0
-        for w in range(windows):
+        for w in range(span // n):
             ids = torch.tensor([list(tokens[w * n:(w + 1) * n])], device=device)
             logits = model(input_ids=ids).logits[0, :-1].float()  # (n-1, V)
             nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
             count += n - 1
-        rows.append({"length": n, "nll": nll / count, "ppl": math.exp(nll / count)})
+        rows.append({"length": n, "windows": span // n, "nll": nll / count, "ppl": math.exp(nll / count)})
     return rows
 
 
