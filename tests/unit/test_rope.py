@@ -71,7 +71,21 @@ def test_every_method_runs_on_neox_and_llama(method):
         scale_rope(model, method, 2.0)
         out = model(input_ids=_ids(8)).logits
         assert torch.isfinite(out).all()
-        assert model.config.get_text_config().max_position_embeddings == 2 * L
+        want = L if method == "dynamic-ntk" else 2 * L  # dynamic NTK: the context it scales past
+        assert model.config.get_text_config().max_position_embeddings == want
+
+
+def test_dynamic_ntk_is_identity_within_the_context_and_scales_beyond_it():
+    # transformers' dynamic NTK rescales past config.max_position_embeddings; were that set to the
+    # extended length (factor x original), it would change nothing at any length up to it
+    plain, _ = load_model("tiny-llama")
+    L = 16
+    dyn, _ = load_model("tiny-llama")
+    scale_rope(dyn, "dynamic-ntk", 4.0, original_max=L)
+    ids = _ids(L)
+    torch.testing.assert_close(dyn(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+    long_ids = _ids(2 * L, 1)
+    assert not torch.allclose(dyn(input_ids=long_ids).logits, plain(input_ids=long_ids).logits)
 
 
 def test_bad_factor_and_method():

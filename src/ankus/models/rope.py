@@ -70,7 +70,7 @@ def scale_rope(model: nn.Module, method: Method, factor: float = 1.0, original_m
 
     ``original_max`` is the context the model was trained at (default: its config's
     ``max_position_embeddings``). The config's ``max_position_embeddings`` becomes
-    ``factor × original_max`` and its ``rope_parameters`` say what was done, so a saved model
+    ``factor × original_max`` (``original_max`` for dynamic NTK, which scales past it) and its ``rope_parameters`` say what was done, so a saved model
     reloads with the same static scaling (dynamic YaRN is a hook: it is re-applied after loading).
     """
     if method not in METHODS:
@@ -84,7 +84,9 @@ def scale_rope(model: nn.Module, method: Method, factor: float = 1.0, original_m
         raise ValueError(f"{type(model).__name__} has no rotary embedding module to scale")
     config = model.config.get_text_config()
     original = int(original_max or _original_max(model))
-    config.max_position_embeddings = int(round(factor * original))
+    # transformers' dynamic NTK reads max_position_embeddings as the trained context and rescales
+    # past it: set to factor x original it would do nothing up to the extended length
+    config.max_position_embeddings = original if method == "dynamic-ntk" else int(round(factor * original))
     if method == "dynamic-yarn":
         for rot in rotaries:
             _add_dynamic_yarn(rot, original)
