@@ -1,4 +1,4 @@
-"""The ``ankus`` command line: ``models``, ``recipes``, ``generate``, ``train``, ``data``, ``serve``, ``dpf``, ``demo``.
+"""The ``ankus`` command line: ``models``, ``recipes``, ``generate``, ``train``, ``data``, ``eval``, ``serve``, ``dpf``, ``demo``.
 
 Recipes and trainers (``TRAINERS``, ``resolve_recipe``, ``run_recipe``) live in
 :mod:`ankus.recipes`; trainer modules import lazily, so ``ankus --help`` stays fast.
@@ -91,6 +91,89 @@ def cmd_data_corpus(args) -> int:
     skipped = ", ".join(f"{v['count']} {k}" for k, v in m["skipped"].items())
     print(f"{args.out}: {m['documents']} documents, {m['tokens']} tokens in {len(m['shards'])} shard(s) "
           f"({m['tokenizer']['name']}); skipped {skipped}")
+    return 0
+
+
+def _eval_tokens(args, tok, needed: int) -> list[int]:
+    """At least ``needed`` tokens of text for perplexity: an ``ankus data corpus`` directory (its
+    held-out documents with --heldout), or stdlib / shakespeare / a directory of .txt files read
+    in file order, each document followed by EOS."""
+    from ankus.data.corpus import MANIFEST, corpus_files, load_corpus, read_documents
+    from ankus.data.io import DataError
+    from ankus.trainers.pretrain import check_tokenizer, split_documents
+
+    source = Path(args.corpus)
+    if (source / MANIFEST).is_file():
+        corpus = load_corpus(source)
+        check_tokenizer(corpus, tok, args.model)
+        ix = split_documents(len(corpus.documents), args.heldout, args.seed)[1] if args.heldout else \
+            range(len(corpus.documents))
+        docs = [corpus.documents[i].tolist() for i in ix]
+        where = f"corpus {source}" + (f" (held-out documents at fraction {args.heldout}, seed {args.seed})"
+                                      if args.heldout else "")
+    else:
+        if args.heldout:
+            raise ConfigError("--heldout needs a corpus directory written by `ankus data corpus`")
+        what, root, files = corpus_files(args.corpus)
+        docs, n = [], 0
+        for _, text in read_documents(root, files)[0]:
+            if n >= needed:
+                break
+            docs.append(tok.encode(text, add_special_tokens=False) + [tok.eos_token_id])
+            n += len(docs[-1])
+        where = what
+    tokens = [t for d in docs for t in d]
+    if len(tokens) < needed:
+        raise DataError(f"{where} holds {len(tokens)} tokens, fewer than the {needed} needed "
+                        f"({args.windows} windows of the longest length); lower --windows or --lengths")
+    return tokens
+
+
+def cmd_eval(args) -> int:
+    import time
+
+    from ankus.evals import long_context as lc
+    from ankus.models.loading import load_model
+
+    if not getattr(args, "eval_command", None):
+        args.eval_parser.print_help()
+        return 0
+    try:
+        lengths, scalings = lc.parse_lengths(args.lengths), lc.parse_scalings(args.scalings)
+        if args.trials < 1 or args.windows < 1:
+            raise ValueError("--trials and --windows must be >= 1")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model, tok = load_model(args.model)
+    model.eval()
+    original = args.original_max or int(model.config.get_text_config().max_position_embeddings)
+    try:
+        factor = lc.check_scaling_args(scalings, lengths, args.factor, original)
+        if args.eval_command == "passkey":
+            lc.passkey_ids(tok, min(lengths), 0.5, "12345")  # too short a length fails here, before any run
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.eval_command == "passkey":
+        evaluate = lambda m: lc.passkey(m, tok, lengths, trials=args.trials, seed=args.seed, progress=say)  # noqa: E731
+        y, ylabel = "pass_rate", "passkey pass rate"
+    else:
+        tokens = _eval_tokens(args, tok, max(lengths) * args.windows)
+        evaluate = lambda m: lc.perplexity_by_length(m, tokens, lengths, windows=args.windows)  # noqa: E731
+        y, ylabel = "ppl", "perplexity"
+    t0 = time.perf_counter()
+    rows = lc.compare_scalings(model, scalings, factor, original, evaluate)
+    for r in rows:
+        r.update(factor=factor if r["method"] != "none" else 1.0, original_max=original)
+    wall = time.perf_counter() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lc.write_table(rows, out / "table.csv")
+    lc.plot_by_length(rows, y, out / f"{args.eval_command}.png", f"{args.model}: {ylabel} (original {original}, "
+                      f"factor {factor:g})", ylabel)
+    for r in rows:
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    print(f"{out / 'table.csv'}, {out / (args.eval_command + '.png')} ({wall:.0f} s)")
     return 0
 
 
@@ -210,6 +293,35 @@ def _add_data(sub) -> None:
     q.set_defaults(func=cmd_data_corpus)
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="long-context evaluations over RoPE scalings: passkey, perplexity-by-length")
+    p.set_defaults(func=cmd_eval, eval_parser=p)
+    evals = p.add_subparsers(dest="eval_command", metavar="EVAL")
+    for name, help in (("passkey", "passkey retrieval: a 5-digit key hidden in filler text, by context length"),
+                       ("perplexity-by-length", "perplexity of real text in windows of each context length")):
+        q = evals.add_parser(name, help=help, description=help + "; one row per (RoPE scaling, length) in "
+                             "OUT/table.csv and a plot beside it.")
+        q.add_argument("--model", default="smollm2-135m-instruct", help="model spec (see `ankus models`)")
+        q.add_argument("--lengths", required=True, help="comma-separated context lengths in tokens, e.g. 1024,2048")
+        q.add_argument("--scalings", default="none,linear,dynamic-ntk,yarn,dynamic-yarn",
+                       help="comma-separated RoPE scalings to compare")
+        q.add_argument("--factor", type=float, help="scaling factor s (default: longest length / original max)")
+        q.add_argument("--original-max", type=int, default=0,
+                       help="the context the model was trained at (default: its config's max_position_embeddings)")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--out", required=True, help="directory for table.csv and the PNG")
+        if name == "passkey":
+            q.add_argument("--trials", type=int, default=20, help="trials per length (depths spread evenly)")
+            q.set_defaults(windows=1)
+        else:
+            q.add_argument("--corpus", default="stdlib", help="text: an `ankus data corpus` directory, stdlib, "
+                           "shakespeare, or a directory of .txt files (default: the Python standard library)")
+            q.add_argument("--windows", type=int, default=4, help="disjoint windows per length")
+            q.add_argument("--heldout", type=float, default=0.0, help="with a corpus directory: only the documents "
+                           "pretrain holds out at this data.val_fraction (split seeded by --seed, as trainer.seed)")
+            q.set_defaults(trials=1)
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over a model (/v1/chat/completions...)",
                        description="Serve a model over HTTP with OpenAI's API: GET /v1/models, "
@@ -277,8 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  ankus train ppo_sentiment trainer.lr=1e-5\n  ankus models",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_models, _add_recipes, _add_generate, _add_train, _add_make_sentiment_dataset, _add_data, _add_serve,
-                _add_dpf, _add_demo):
+    for add in (_add_models, _add_recipes, _add_generate, _add_train, _add_make_sentiment_dataset, _add_data, _add_eval,
+                _add_serve, _add_dpf, _add_demo):
         add(sub)
     return parser
 

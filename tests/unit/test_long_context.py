@@ -76,6 +76,24 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
         perplexity_by_length(Uniform(), list(range(10)), [8], windows=2)
 
 
+class Recording(Uniform):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, input_ids, logits_to_keep=0, **_):
+        self.seen.append(input_ids[0].tolist())
+        return super().forward(input_ids, logits_to_keep)
+
+
+def test_every_length_scores_the_same_text():
+    model = Recording()
+    rows = perplexity_by_length(model, list(range(100)), [4, 8, 16], windows=2)
+    assert [r["windows"] for r in rows] == [8, 4, 2]
+    spans = [sum(model.seen[:8], []), sum(model.seen[8:12], []), sum(model.seen[12:], [])]
+    assert spans == [list(range(32))] * 3  # the first 2 x 16 tokens, whatever the window length
+
+
 def test_compare_scalings_runs_each_method_on_a_copy(tok):
     model, _ = load_model("tiny-llama")
     tokens = tok.encode("the quick brown fox jumps over the lazy dog " * 20)
@@ -88,3 +106,73 @@ def test_compare_scalings_runs_each_method_on_a_copy(tok):
     assert perplexity_by_length(model, tokens, [32], windows=2) == before  # the model was not touched
     rows = passkey(model, tok, [120], trials=2)
     assert rows[0]["trials"] == 2 and 0.0 <= rows[0]["pass_rate"] <= 1.0 and rows[0]["key_logp"] < 0
+
+
+# ---------------------------------------------------------------------------------------------
+# ankus eval passkey | perplexity-by-length
+
+
+def test_argument_parsing_and_checks():
+    from ankus.evals.long_context import check_scaling_args, parse_lengths, parse_scalings
+
+    assert parse_lengths("1024, 2048,") == [1024, 2048]
+    for bad, msg in (("1k", "'1k' is not an integer"), ("", "empty"), ("0", "out of range"), ("1.5", "not an integer")):
+        with pytest.raises(ValueError, match=msg):
+            parse_lengths(bad)
+    assert parse_scalings("yarn,none,yarn") == ["yarn", "none"]
+    with pytest.raises(ValueError, match="unknown RoPE scaling 'ntk'"):
+        parse_scalings("none,ntk")
+    assert check_scaling_args(["none", "yarn"], [512, 2048], None, 512) == 4.0  # default: longest / original
+    assert check_scaling_args(["none"], [1024], None, 512) == 2.0
+    with pytest.raises(ValueError, match="--factor must be > 1 for yarn"):
+        check_scaling_args(["none", "yarn"], [512], 1.0, 512)
+    with pytest.raises(ValueError, match="within the original context"):
+        check_scaling_args(["linear"], [256, 512], None, 512)
+    with pytest.raises(ValueError, match="4096 tokens is past the extended context of 2048"):
+        check_scaling_args(["yarn"], [1024, 4096], 2.0, 1024)
+    with pytest.raises(ValueError, match="past the extended context of 2048"):  # 'none' alone: up to 4x
+        check_scaling_args(["none"], [4096], None, 512)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["passkey", "--lengths", "1k"], "'1k' is not an integer"),
+    (["passkey", "--lengths", "256", "--scalings", "none,ntk"], "unknown RoPE scaling 'ntk'"),
+    (["passkey", "--lengths", "256", "--scalings", "yarn", "--factor", "1", "--original-max", "128"],
+     "--factor must be > 1"),
+    (["perplexity-by-length", "--lengths", "256,9000", "--scalings", "yarn", "--factor", "2", "--original-max", "128"],
+     "past the extended context"),
+    (["passkey", "--lengths", "20", "--scalings", "none"], "too short for a passkey trial"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, msg):
+    from ankus.cli import main
+
+    rc = main(["eval", *argv, "--model", "tiny-llama", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and msg in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_passkey_and_perplexity_write_a_table_and_a_plot(tmp_path):
+    import csv
+
+    from ankus.cli import main
+
+    assert main(["eval", "passkey", "--model", "tiny-llama", "--lengths", "128,256", "--scalings", "none,yarn",
+                 "--original-max", "128", "--trials", "2", "--out", str(tmp_path / "pk")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "pk" / "table.csv")))
+    assert [(r["method"], r["length"], r["trials"], r["factor"]) for r in rows] == [
+        ("none", "128", "2", "1.0"), ("none", "256", "2", "1.0"), ("yarn", "128", "2", "2.0"), ("yarn", "256", "2", "2.0")]
+    assert all(0.0 <= float(r["pass_rate"]) <= 1.0 and float(r["key_logp"]) < 0 for r in rows)
+    assert (tmp_path / "pk" / "passkey.png").stat().st_size > 0
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text(" ".join(f"token{i % 97}" for i in range(800)))
+    assert main(["eval", "perplexity-by-length", "--model", "tiny-llama", "--lengths", "64,128", "--scalings",
+                 "none", "--corpus", str(texts), "--windows", "2", "--out", str(tmp_path / "pp")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "pp" / "table.csv")))
+    model, tok = load_model("tiny-llama")
+    tokens = tok.encode((texts / "a.txt").read_text(), add_special_tokens=False) + [tok.eos_token_id]
+    want = perplexity_by_length(model, tokens, [64, 128], windows=2)
+    assert [float(r["ppl"]) for r in rows] == pytest.approx([w["ppl"] for w in want], rel=1e-5)
+    assert (tmp_path / "pp" / "perplexity-by-length.png").exists()

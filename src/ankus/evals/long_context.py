@@ -8,8 +8,8 @@ log-probability and, unlike step-by-step decoding, sees one RoPE scale for the w
 under dynamic scaling.
 
 Perplexity by length: the mean next-token loss over windows of ``n`` tokens of real text,
-for several ``n``; a model whose context does not extend shows a loss that climbs past its
-training length.
+for several ``n``, every ``n`` scoring the same span of text; a model whose context does not
+extend shows a loss that climbs past its training length.
 
 Both compare RoPE scalings (``ankus.models.rope.METHODS``) on fresh copies of one model.
 """
@@ -25,9 +25,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ankus.models.rope import scale_rope
+from ankus.models.rope import METHODS, scale_rope
 
-__all__ = ["passkey_trial", "passkey_ids", "passkey", "perplexity_by_length", "compare_scalings", "FILLER"]
+__all__ = ["passkey_trial", "passkey_ids", "passkey", "perplexity_by_length", "compare_scalings", "FILLER",
+           "parse_lengths", "parse_scalings", "check_scaling_args", "write_table", "plot_by_length", "MAX_LENGTH"]
 
 FILLER = ("Morning light falls on the old stone wall. A cart rolls down the lane and stops by the well. "
           "Someone whistles a tune and walks on. ")
@@ -94,20 +95,24 @@ def passkey(model: nn.Module, tokenizer, lengths: Sequence[int], trials: int = 2
 
 @torch.no_grad()
 def perplexity_by_length(model: nn.Module, tokens: Sequence[int], lengths: Sequence[int], windows: int = 4) -> list[dict]:
-    """Mean next-token NLL (and its exp) over ``windows`` disjoint windows of each length."""
+    """Mean next-token NLL (and its exp) over disjoint windows of each length, every length over the
+    same text: the first ``windows x max(lengths)`` tokens, cut into ``span // n`` windows of ``n``.
+    (Windows counted per length would score more text for the longer lengths, and text differs
+    in difficulty far more than context helps.) A window's first token is no target."""
     device = next(model.parameters()).device
+    span = max(lengths) * windows
+    if len(tokens) < span:
+        raise ValueError(f"{len(tokens)} tokens are too few for {windows} windows of {max(lengths)}; "
+                         "give a longer text or fewer windows")
     rows = []
     for n in lengths:
-        if len(tokens) < n * windows:
-            raise ValueError(f"{len(tokens)} tokens are too few for {windows} windows of {n}; "
-                             "give a longer text or fewer windows")
         nll, count = 0.0, 0
-        for w in range(windows):
+        for w in range(span // n):
             ids = torch.tensor([list(tokens[w * n:(w + 1) * n])], device=device)
             logits = model(input_ids=ids).logits[0, :-1].float()  # (n-1, V)
             nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
             count += n - 1
-        rows.append({"length": n, "nll": nll / count, "ppl": math.exp(nll / count)})
+        rows.append({"length": n, "windows": span // n, "nll": nll / count, "ppl": math.exp(nll / count)})
     return rows
 
 
@@ -121,3 +126,96 @@ def compare_scalings(model: nn.Module, methods: Sequence[str], factor: float, or
         rows += [{"method": method, **row} for row in evaluate(scaled)]
         del scaled
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# command-line arguments, the table and its plot (``ankus eval passkey|perplexity-by-length``)
+
+MAX_LENGTH = 1 << 20
+"""Longest context accepted (a sanity bound: 1M tokens)."""
+
+
+def parse_lengths(text: str) -> list[int]:
+    """``"1024,2048"`` -> ``[1024, 2048]``; ValueError on anything but positive integers."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("--lengths is empty; give comma-separated token counts, e.g. 1024,2048")
+    out = []
+    for p in parts:
+        try:
+            n = int(p)
+        except ValueError:
+            raise ValueError(f"--lengths: '{p}' is not an integer; give comma-separated token counts, "
+                             "e.g. 1024,2048") from None
+        if not 2 <= n <= MAX_LENGTH:
+            raise ValueError(f"--lengths: {n} is out of range (2..{MAX_LENGTH} tokens)")
+        out.append(n)
+    return out
+
+
+def parse_scalings(text: str) -> list[str]:
+    """``"none,yarn"`` -> ``["none", "yarn"]``; ValueError naming an unknown method."""
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    for m in out:
+        if m not in METHODS:
+            raise ValueError(f"--scalings: unknown RoPE scaling '{m}'; expected some of {', '.join(METHODS)}")
+    if not out:
+        raise ValueError(f"--scalings is empty; give some of {', '.join(METHODS)}")
+    return list(dict.fromkeys(out))
+
+
+def check_scaling_args(scalings: Sequence[str], lengths: Sequence[int], factor: float | None,
+                       original_max: int) -> float:
+    """The factor to use (default: longest length / original_max), after refusing settings that
+    cannot mean anything: a factor <= 1 with a scaling other than none, and lengths past the
+    extended context factor x original_max (past original_max when only 'none' runs, up to 4x:
+    'none' beyond its context is the baseline that fails)."""
+    if original_max < 1:
+        raise ValueError(f"--original-max must be a positive token count, got {original_max}")
+    scaled = [m for m in scalings if m != "none"]
+    if factor is None:
+        factor = max(lengths) / original_max
+        if scaled and factor <= 1.0:
+            raise ValueError(f"the lengths are all within the original context ({original_max} tokens): there is "
+                             f"nothing to extend; give --factor > 1 to compare {', '.join(scaled)} anyway")
+    elif scaled and not factor > 1.0:
+        raise ValueError(f"--factor must be > 1 for {', '.join(scaled)} (got {factor}); a RoPE scaling "
+                         "factor is the new context over the original")
+    limit = int(round(max(factor, 1.0) * original_max)) if scaled else 4 * original_max
+    if max(lengths) > limit:
+        raise ValueError(f"--lengths: {max(lengths)} tokens is past the extended context of {limit} "
+                         f"(factor {max(factor, 1.0):g} x original {original_max}); raise --factor or drop the length")
+    return float(factor)
+
+
+def write_table(rows: list[dict], path) -> None:
+    """``rows`` (dicts sharing keys) as CSV."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_by_length(rows: list[dict], y: str, path, title: str, ylabel: str | None = None,
+                   series: str = "method") -> None:
+    """One line per ``series`` value: ``y`` against ``length`` (log2 axis), saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r[series] for r in rows):
+        pts = sorted((r["length"], r[y]) for r in rows if r[series] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=str(name))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(ylabel or y)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -25,12 +25,16 @@ scaled by that factor, which scales q·k by its square.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
 from torch import Tensor, nn
 
-__all__ = ["yarn_inv_freq", "yarn_attention_factor", "scale_rope", "rotary_modules", "METHODS"]
+from ankus.config import ConfigError
+
+__all__ = ["yarn_inv_freq", "yarn_attention_factor", "scale_rope", "rotary_modules", "METHODS", "RopeConfig",
+           "apply_rope_config"]
 
 Method = Literal["none", "linear", "dynamic-ntk", "yarn", "dynamic-yarn"]
 METHODS = ("none", "linear", "dynamic-ntk", "yarn", "dynamic-yarn")
@@ -66,8 +70,9 @@ def scale_rope(model: nn.Module, method: Method, factor: float = 1.0, original_m
 
     ``original_max`` is the context the model was trained at (default: its config's
     ``max_position_embeddings``). The config's ``max_position_embeddings`` becomes
-    ``factor × original_max`` and its ``rope_parameters`` say what was done, so a saved model
-    reloads with the same static scaling (dynamic YaRN is a hook: it is re-applied after loading).
+    ``factor × original_max`` (``original_max`` for dynamic NTK, which scales past it) and its
+    ``rope_parameters`` say what was done, so a saved model reloads with the same static
+    scaling (dynamic YaRN is a hook: it is re-applied after loading).
     """
     if method not in METHODS:
         raise ValueError(f"unknown RoPE scaling '{method}'; expected one of {', '.join(METHODS)}")
@@ -80,7 +85,9 @@ def scale_rope(model: nn.Module, method: Method, factor: float = 1.0, original_m
         raise ValueError(f"{type(model).__name__} has no rotary embedding module to scale")
     config = model.config.get_text_config()
     original = int(original_max or _original_max(model))
-    config.max_position_embeddings = int(round(factor * original))
+    # transformers' dynamic NTK reads max_position_embeddings as the trained context and rescales
+    # past it: set to factor x original it would do nothing up to the extended length
+    config.max_position_embeddings = original if method == "dynamic-ntk" else int(round(factor * original))
     if method == "dynamic-yarn":
         for rot in rotaries:
             _add_dynamic_yarn(rot, original)
@@ -113,3 +120,40 @@ def _add_dynamic_yarn(rot: nn.Module, original_max: int) -> None:
         module.attention_scaling = yarn_attention_factor(scale)
 
     rot.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+@dataclasses.dataclass
+class RopeConfig:
+    method: str = "none"
+    """RoPE scaling applied right after the model loads: none, linear, dynamic-ntk, yarn or dynamic-yarn."""
+    factor: float = 1.0
+    """Context extension factor s = new context / original_max (> 1 for any method but none)."""
+    original_max: int = 0
+    """The context the model was trained at; 0 = its config's max_position_embeddings."""
+
+
+def apply_rope_config(model: nn.Module, rc: RopeConfig, trainer: str, save_model: bool) -> nn.Module:
+    """:func:`scale_rope` from a recipe's ``rope:`` section, its errors as ConfigErrors naming the field.
+
+    A static scaling lives in the saved config.json (``rope_parameters``), so the trained model
+    reloads scaled. Dynamic YaRN is a forward hook that a plain transformers config cannot hold:
+    with ``save_model`` it is refused rather than saved as an unscaled model."""
+    if rc.method not in METHODS:
+        raise ConfigError(f"{trainer}: rope.method='{rc.method}' is unknown; expected one of {', '.join(METHODS)}")
+    if rc.original_max < 0:
+        raise ConfigError(f"{trainer}: rope.original_max must be >= 0 (0 = the model's own), got {rc.original_max}")
+    if rc.method == "none":
+        if rc.factor != 1.0 or rc.original_max != 0:
+            field = "rope.factor" if rc.factor != 1.0 else "rope.original_max"
+            raise ConfigError(f"{trainer}: {field} has no effect with rope.method=none; set rope.method or remove it")
+        return model
+    if not rc.factor > 1.0:
+        raise ConfigError(f"{trainer}: rope.factor must be > 1 for rope.method={rc.method}, got {rc.factor}")
+    if rc.method == "dynamic-yarn" and save_model:
+        raise ConfigError(f"{trainer}: rope.method=dynamic-yarn is a forward hook that a saved transformers config "
+                          "cannot hold (the saved model would reload unscaled); fine-tune with rope.method=yarn "
+                          "(at a fixed training length the same scaling) or set run.save_model=false")
+    try:
+        return scale_rope(model, rc.method, rc.factor, rc.original_max or None)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise ConfigError(f"{trainer}: rope: {e}") from e

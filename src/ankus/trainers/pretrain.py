@@ -25,6 +25,9 @@ full-rank steps only LoRA adapters on the attention and MLP linears train; every
 ``relora.reset_every`` steps they are merged into their weights and restarted, the adapters'
 Adam moments pruned, and the LR re-warmed (ReLoRA's jagged schedule). Checkpoints hold the peft
 model; the saved ``model/`` is a plain transformers model with the adapters merged.
+
+Context extension: the ``rope:`` section scales the loaded model's RoPE (:func:`ankus.models.rope.apply_rope_config`)
+before training at the longer ``data.seq_length``; recipe ``pretrain_extend`` (YaRN, s = 4).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from ankus.losses.lm import linear_cross_entropy
 from ankus.models.heads import output_head_bypassed
 from ankus.models.loading import load_model
 from ankus.models.relora import ReLoRAConfig, apply_relora, check_relora, relora_phase, relora_step
+from ankus.models.rope import RopeConfig, apply_rope_config
 from ankus.optim import make_optimizer
 from ankus.runs import MetricsLogger, create_run_dir, plot_metrics, save_hf_model, truncate_metrics
 
@@ -100,6 +104,8 @@ class Config:
     """Evaluation cadence and the fast paths."""
     relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
     """ReLoRA: train through LoRA adapters merged and restarted every relora.reset_every steps."""
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    """RoPE scaling applied after loading (context extension, e.g. YaRN); static ones are saved with the model."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run directory."""
 
@@ -333,6 +339,7 @@ def _setup_model(cfg: Config, device, sharded: bool):
     random.seed(cfg.trainer.seed)
     torch.manual_seed(cfg.trainer.seed)
     model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, seed=cfg.model.seed, device=device)
+    apply_rope_config(model, cfg.rope, "pretrain", cfg.run.save_model)
     if cfg.data.isolate_documents and not packing_is_exact(model):
         raise DataError(f"data.isolate_documents: model '{cfg.model.spec}' does not keep packed documents apart "
                         "(it ignores restarting position ids); set data.isolate_documents=false")

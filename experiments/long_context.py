@@ -1,0 +1,124 @@
+"""Long-context experiment (docs/long_context.md): passkey and perplexity by length over RoPE scalings.
+
+  python experiments/long_context.py smollm2   # (a) SmolLM2-135M-Instruct, simulated short original context
+  python experiments/long_context.py scratch   # (b) llama-20m trained at L=128 (pretrain_short), before and
+                                               #     after a YaRN s=4 fine-tune at 512 (pretrain_extend)
+  python experiments/long_context.py redo      # the steps rerun after two fixes found mid-run (see the doc)
+  python experiments/long_context.py merge     # combined tables and plots from the steps' table.csv files
+
+Every step is an `ankus` command run as a subprocess; its wall time goes to timings_<part>.json and its
+output to <step>.log, all under runs/experiments/long_context/. Part (b) waits for
+runs/pretrain_short/model (stage 1: `ankus train pretrain_short`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = Path("runs/experiments/long_context")
+ANKUS = [sys.executable, "-m", "ankus.cli"]
+SCALINGS = "none,linear,dynamic-ntk,yarn,dynamic-yarn"
+
+
+def step(name: str, args: list[str], timings: dict, part: str) -> None:
+    t0 = time.perf_counter()
+    with open(OUT / f"{name}.log", "w") as log:
+        rc = subprocess.call(ANKUS + args, stdout=log, stderr=subprocess.STDOUT)
+    timings[name] = {"command": "ankus " + " ".join(args), "wall_s": round(time.perf_counter() - t0, 1), "rc": rc}
+    (OUT / f"timings_{part}.json").write_text(json.dumps(timings, indent=1))
+    if rc:
+        raise SystemExit(f"{name} failed (rc {rc}); see {OUT / (name + '.log')}")
+
+
+def read(path: Path, label: str) -> list[dict]:
+    rows = list(csv.DictReader(open(path)))
+    for r in rows:
+        r["series"] = f"{label}{r['method']}"
+        r["length"] = int(r["length"])
+        for k in ("pass_rate", "ppl", "nll", "key_logp"):
+            if k in r:
+                r[k] = float(r[k])
+    return rows
+
+
+def smollm2() -> None:
+    t: dict = {}
+    common = ["--model", "smollm2-135m-instruct", "--scalings", SCALINGS, "--factor", "4", "--original-max", "512"]
+    step("smollm2_passkey", ["eval", "passkey", *common, "--lengths", "512,2048", "--trials", "20",
+                             "--out", str(OUT / "smollm2_passkey")], t, "smollm2")
+    step("smollm2_ppl", ["eval", "perplexity-by-length", *common, "--lengths", "512,1024,2048", "--windows", "4",
+                         "--out", str(OUT / "smollm2_ppl")], t, "smollm2")
+
+
+def scratch() -> None:
+    t: dict = {}
+    base, ext = Path("runs/pretrain_short/model"), Path("runs/pretrain_extend/model")
+    while not (base / "config.json").exists():
+        time.sleep(20)
+    common = ["--scalings", SCALINGS, "--factor", "4", "--original-max", "128"]
+    ppl = ["--lengths", "128,256,512", "--corpus", "runs/corpora/stdlib", "--heldout", "0.02", "--windows", "8"]
+    pk = ["--lengths", "128,256,512", "--trials", "20"]
+    before(t, "scratch", base, common, ppl, pk)
+    step("stage2_extend", ["train", "pretrain_extend", f"model.spec={base}", "run.progress=false"], t, "scratch")
+    # the extended model carries YaRN s=4 in its config.json: evaluated as saved ("none" adds nothing)
+    step("scratch_after_ppl", ["eval", "perplexity-by-length", "--model", str(ext), "--scalings", "none",
+                               "--original-max", "512", *ppl, "--out", str(OUT / "scratch_after_ppl")], t, "scratch")
+    step("scratch_after_passkey", ["eval", "passkey", "--model", str(ext), "--scalings", "none",
+                                   "--original-max", "512", *pk, "--out", str(OUT / "scratch_after_passkey")], t, "scratch")
+    merge()
+
+
+BASE = Path("runs/pretrain_short/model")
+COMMON = ["--scalings", SCALINGS, "--factor", "4", "--original-max", "128"]
+PPL = ["--lengths", "128,256,512", "--corpus", "runs/corpora/stdlib", "--heldout", "0.02", "--windows", "8"]
+PK = ["--lengths", "128,256,512", "--trials", "20"]
+
+
+def before(t: dict, part: str, base: Path = BASE, common=COMMON, ppl=PPL, pk=PK) -> None:
+    step("scratch_before_ppl", ["eval", "perplexity-by-length", "--model", str(base), *common, *ppl,
+                                "--out", str(OUT / "scratch_before_ppl")], t, "scratch")
+    step("scratch_before_passkey", ["eval", "passkey", "--model", str(base), *common, *pk,
+                                    "--out", str(OUT / "scratch_before_passkey")], t, part)
+
+
+def redo() -> None:
+    """After the dynamic-NTK fix (scale_rope had left it a no-op up to the extended length) and the
+    perplexity fix (every length over the same text): the runs that had used the old code."""
+    t: dict = {}
+    before(t, "redo")
+    step("smollm2_passkey_dynamic_ntk", ["eval", "passkey", "--model", "smollm2-135m-instruct", "--scalings",
+                                         "dynamic-ntk", "--factor", "4", "--original-max", "512", "--lengths",
+                                         "512,2048", "--trials", "20", "--out", str(OUT / "smollm2_passkey_dynamic_ntk")],
+         t, "redo")
+
+
+def merge() -> None:
+    from ankus.evals.long_context import plot_by_length, write_table
+
+    for kind, y, label in (("ppl", "ppl", "perplexity"), ("passkey", "pass_rate", "passkey pass rate")):
+        rows = read(OUT / f"scratch_before_{kind}" / "table.csv", "before: ")
+        rows += [{**r, "series": "after: yarn s=4 fine-tuned"} for r in read(OUT / f"scratch_after_{kind}" / "table.csv", "")]
+        write_table(rows, OUT / f"scratch_{kind}.csv")
+        plot_by_length(rows, y, OUT / f"scratch_{kind}.png", f"llama-20m trained at 128: {label}", label, series="series")
+    fixed = OUT / "smollm2_passkey_dynamic_ntk" / "table.csv"
+    if (OUT / "smollm2_passkey" / "table.csv").exists() and fixed.exists():
+        rows = [r for r in read(OUT / "smollm2_passkey" / "table.csv", "") if r["method"] != "dynamic-ntk"]
+        rows += read(fixed, "")
+        write_table(rows, OUT / "smollm2_passkey.csv")
+        plot_by_length(rows, "pass_rate", OUT / "smollm2_passkey.png", "SmolLM2-135M, simulated original 512: passkey",
+                       "passkey pass rate", series="series")
+    if (OUT / "smollm2_ppl" / "table.csv").exists():
+        rows = read(OUT / "smollm2_ppl" / "table.csv", "")
+        write_table(rows, OUT / "smollm2_ppl.csv")
+        plot_by_length(rows, "ppl", OUT / "smollm2_ppl.png", "SmolLM2-135M, simulated original 512: perplexity",
+                       "perplexity", series="series")
+
+
+if __name__ == "__main__":
+    OUT.mkdir(parents=True, exist_ok=True)
+    {"smollm2": smollm2, "scratch": scratch, "redo": redo, "merge": merge}[sys.argv[1]]()
