@@ -375,6 +375,15 @@ def _add_dpf(sub) -> None:
     q.add_argument("--out", required=True, help="directory for table.csv and eval_responses.jsonl")
 
 
+def _add_audit(sub) -> None:
+    p = sub.add_parser("audit", help="audits of what a model learned: ankus audit AUDIT ...",
+                       description="Audits; each writes JSONL, CSV tables and PNG plots into its run directory.")
+    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
+    audits = p.add_subparsers(dest="audit_command", metavar="AUDIT")
+    for add in ():  # one _add_audit_<name>(audits) per audit; each adds its parser and sets func
+        add(audits)
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main demo: PPO on SmolLM2 towards positive movie reviews")
     p.add_argument("overrides", nargs="*", help="dotted overrides for ppo_sentiment")
@@ -390,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_models, _add_recipes, _add_generate, _add_train, _add_make_sentiment_dataset, _add_data, _add_eval,
-                _add_serve, _add_dpf, _add_demo):
+                _add_serve, _add_dpf, _add_audit, _add_demo):
         add(sub)
     return parser
 
