@@ -25,14 +25,18 @@ LAYERS: dict[str, int] = {
     "ankus.models": 1, "ankus.distributed": 1, "ankus.checkpoint": 1, "ankus.runs": 1,
     # 2: sampling
     "ankus.generation": 2,
-    # 3: tasks, rewards and evaluations (may sample)
-    "ankus.rewards": 3, "ankus.evals": 3, "ankus.audits": 3,
+    # 3: tasks and rewards (may sample)
+    "ankus.rewards": 3,
     # 4: datasets built with models, tokenizers or tasks
     "ankus.data": 4,
     # 5: pieces of a training loop that run models (rollouts, held-out evaluation), chat backends
     "ankus.rl": 5, "ankus.chat": 5,
+    # 5: evaluation tasks (may sample, score, or ask a chat backend)
+    "ankus.evals": 5,
     # 6: trainers; 7: pipelines over trainers, the server; 8: the command line and the top-level API
-    "ankus.trainers": 6, "ankus.pipelines": 7, "ankus.serve": 7, "ankus.cli": 8, "ankus": 8,
+    # audits may train the models they audit (a reverse LM, checkpoints); search serves a web page
+    "ankus.trainers": 6, "ankus.pipelines": 7, "ankus.serve": 7, "ankus.audits": 7, "ankus.search": 7,
+    "ankus.cli": 8, "ankus": 8,
 }
 
 # edges the layers allow but the design forbids: trainers do not import each other; the reference
