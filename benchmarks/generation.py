@@ -162,8 +162,39 @@ def describe_cpu_path(info: dict) -> str:
             f"torch threads {info['threads']} (interop {info['interop_threads']})")
 
 
-def compare(name: str, engines: dict, repeats: int, sync, paths: dict | None = None) -> None:
-    """``paths``: engine -> the linear path it runs, printed as a column (CPU mode)."""
+def linear_weight_bytes(model, bytes_per_weight: int) -> int:
+    """Bytes a decode step must stream: every ``nn.Linear`` weight (the tied LM head included) once."""
+    seen, total = set(), 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear) and id(mod.weight) not in seen:
+            seen.add(id(mod.weight))
+            total += mod.weight.numel() * bytes_per_weight
+    return total
+
+
+def read_bandwidth(nbytes: int, repeats: int = 7) -> float:
+    """Bytes/s this process reads from memory at the current thread count: the median time of
+    ``sum`` over an fp32 tensor of ``nbytes`` (larger than any cache), i.e. a streaming read."""
+    t = torch.ones(nbytes // 4)
+    t.sum()  # touch every page first
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        t.sum()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times)
+
+
+def floor_tok_s(model, batch: int, bandwidth: float, bytes_per_weight: int) -> float:
+    """The memory-bandwidth floor as a ceiling on speed: a decode step cannot take less than
+    reading the linear weights once, so at most ``batch`` tokens per that time."""
+    return batch * bandwidth / linear_weight_bytes(model, bytes_per_weight)
+
+
+def compare(name: str, engines: dict, repeats: int, sync, paths: dict | None = None,
+            floors: dict | None = None) -> None:
+    """``paths``: engine -> the linear path it runs, printed as a column (CPU mode). ``floors``:
+    engine -> the bandwidth-floor tok/s of its weight precision; each row then prints its fraction."""
     first = {}
     for k, fn in engines.items():  # warm-up (one-time costs: packing weights, CUDA context and graphs, allocator)
         sync()
@@ -183,8 +214,9 @@ def compare(name: str, engines: dict, repeats: int, sync, paths: dict | None = N
         w, c = statistics.median(wall[k]), statistics.median(cpu[k])
         spread = f"[{min(wall[k]):.0f}-{max(wall[k]):.0f}]"
         path = f"  {(paths or {}).get(k, '-'):<18}" if paths else ""
-        print(f"{name:<22} {k:<20}{path} {w:8.1f} tok/s {spread:>12}  x{w / base_w:.2f}   |  {c:7.1f} tok/CPU-s  "
-              f"x{c / base_c:.2f}   (first call {first[k]:.2f} s)", flush=True)
+        floor = f"  {w / floors[k]:4.0%} of floor" if floors and k in floors else ""
+        print(f"{name:<22} {k:<20}{path} {w:8.1f} tok/s {spread:>12}  x{w / base_w:.2f}{floor}   |  "
+              f"{c:7.1f} tok/CPU-s  x{c / base_c:.2f}   (first call {first[k]:.2f} s)", flush=True)
 
 
 def main() -> None:
@@ -215,7 +247,14 @@ def main() -> None:
         paths = {"transformers": "model's own (MKL)", "ankus": cpu_path_info(model)["path"]}
         if args.bf16:
             paths["ankus bf16 (opt-in)"] = cpu_path_info(model, GenerationConfig(bf16=True))["path"]
+        bandwidth = read_bandwidth(linear_weight_bytes(model, 4))
+        print(f"memory read bandwidth {bandwidth / 1e9:.2f} GB/s ({torch.get_num_threads()} threads); a decode step "
+              f"streams {linear_weight_bytes(model, 4) / 1e6:.0f} MB of fp32 linear weights "
+              f"({linear_weight_bytes(model, 2) / 1e6:.0f} MB in bf16)")
         for b in batch_sizes:
+            fp32_floor, bf16_floor = floor_tok_s(model, b, bandwidth, 4), floor_tok_s(model, b, bandwidth, 2)
+            print(f"batch {b}: bandwidth floor {fp32_floor:.0f} tok/s fp32, {bf16_floor:.0f} tok/s bf16")
+            floors = {"transformers": fp32_floor, "ankus": fp32_floor, "ankus bf16 (opt-in)": bf16_floor}
             prompts = make_prompts(tok, b, args.prompt_tokens)
             engines = {
                 "transformers": lambda: hf_generate(model, prompts, new_tokens, tok.pad_token_id),
@@ -223,7 +262,7 @@ def main() -> None:
             }
             if args.bf16:
                 engines["ankus bf16 (opt-in)"] = lambda: ankus_generate(model, tok, prompts, new_tokens, bf16=True)
-            compare(f"batch {b}", engines, args.repeats, lambda: None, paths)
+            compare(f"batch {b}", engines, args.repeats, lambda: None, paths, floors)
         return
 
     from transformers import LlamaConfig, LlamaForCausalLM
