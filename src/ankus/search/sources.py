@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from ankus.data.io import DataError
@@ -101,9 +102,16 @@ def _read_file(path: Path, name: str, fields: tuple[str, str], rep: ReadReport, 
         rep.docs.append({"id": name, "source": str(path.resolve()), "text": text})
 
 
+@lru_cache(maxsize=1)
+def default_tokenizer():
+    """The tokenizer `ankus data corpus` uses by default, loaded once per process."""
+    from ankus.models.loading import default_tokenizer
+
+    return default_tokenizer()
+
+
 def _read_token_corpus(root: Path, rep: ReadReport, known: set[str]) -> None:
     from ankus.data.corpus import MANIFEST, load_corpus, tokenizer_fingerprint
-    from ankus.models.loading import default_tokenizer
 
     manifest_path = root / MANIFEST
     if str(manifest_path.resolve()) in known:
