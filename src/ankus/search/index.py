@@ -34,7 +34,7 @@ from ankus.config import ConfigError
 from ankus.search.sources import SearchDataError, read_corpus
 from ankus.search.terms import STOPWORDS, TOKEN_RE, terms
 
-__all__ = ["IndexConfig", "Index", "Hit", "QueryError", "CorpusChangedError", "build", "add", "save", "load",
+__all__ = ["IndexConfig", "Index", "Hit", "QueryError", "CorpusChangedError", "build", "build_docs", "add", "save", "load",
            "search", "count_terms", "score_matrix", "FORMAT"]
 
 FORMAT = "ankus-search-1"
@@ -92,20 +92,17 @@ class Hit:
 
 
 def count_terms(token_lists: list[list[str]], vocab: dict[str, int]):
-    """Term counts of documents as CSR; new terms are appended to ``vocab`` in order of first
-    appearance. Returns ``(indptr (D+1,), term_ids (nnz,), tfs (nnz,), doc_len (D,))``."""
-    ids, tfs, lens, starts = [], [], [], [0]
-    for toks in token_lists:
-        counts: dict[int, int] = {}
-        for t in toks:
-            i = vocab.setdefault(t, len(vocab))
-            counts[i] = counts.get(i, 0) + 1
-        ids += counts.keys()
-        tfs += counts.values()
-        lens.append(len(toks))
-        starts.append(len(ids))
-    return (np.asarray(starts, np.int64), np.asarray(ids, np.int32), np.asarray(tfs, np.int32),
-            np.asarray(lens, np.int64))
+    """Term counts of documents as CSR (a document's term ids ascending); new terms are appended to
+    ``vocab`` in order of first appearance. Returns ``(indptr (D+1,), term_ids (nnz,), tfs (nnz,),
+    doc_len (D,))``."""
+    setdefault = vocab.setdefault
+    ids = np.fromiter((setdefault(t, len(vocab)) for toks in token_lists for t in toks), np.int64)   # (T,)
+    lens = np.asarray([len(toks) for toks in token_lists], np.int64)                                 # (D,)
+    doc_of = np.repeat(np.arange(len(lens), dtype=np.int64), lens)                                   # (T,)
+    keys, tfs = np.unique(doc_of * max(len(vocab), 1) + ids, return_counts=True)                     # (nnz,)
+    doc, term = np.divmod(keys, max(len(vocab), 1))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(doc, minlength=len(lens)))])
+    return indptr.astype(np.int64), term.astype(np.int32), tfs.astype(np.int32), lens
 
 
 def score_matrix(indptr, term_ids, tfs, doc_len, n_terms: int, k1: float, b: float):
@@ -138,9 +135,9 @@ def _make_retriever(index: Index):
     return r
 
 
-def _append(index: Index, docs: list[dict]) -> None:
+def _append(index: Index, docs: list[dict], token_lists: list[list[str]]) -> None:
     """Append documents' counts to ``index`` (vocabulary extended in place) and rescore."""
-    indptr, ids, tfs, lens = count_terms([terms(d["text"]) for d in docs], index.vocab)
+    indptr, ids, tfs, lens = count_terms(token_lists, index.vocab)
     index.indptr = np.concatenate([index.indptr, index.indptr[-1] + indptr[1:]])
     index.term_ids = np.concatenate([index.term_ids, ids])
     index.tfs = np.concatenate([index.tfs, tfs])
@@ -149,11 +146,12 @@ def _append(index: Index, docs: list[dict]) -> None:
     index.retriever = _make_retriever(index)
 
 
-def _drop_termless(docs: list[dict], skipped: dict[str, int]) -> list[dict]:
-    """Documents with no index term (only stop words / punctuation) are skipped and counted as empty."""
-    kept = [d for d in docs if terms(d["text"])]
+def _tokenize(docs: list[dict], skipped: dict[str, int]) -> tuple[list[dict], list[list[str]]]:
+    """``(docs, their terms)``; documents with no index term (only stop words or punctuation) are
+    dropped and counted as empty."""
+    kept = [(d, toks) for d in docs if (toks := terms(d["text"]))]
     skipped["empty"] = skipped.get("empty", 0) + len(docs) - len(kept)
-    return kept
+    return [d for d, _ in kept], [t for _, t in kept]
 
 
 def build(source: str | Path, config: IndexConfig | None = None) -> Index:
@@ -161,13 +159,20 @@ def build(source: str | Path, config: IndexConfig | None = None) -> Index:
     config = config or IndexConfig()
     rep = read_corpus(source, text_field=config.text_field, id_field=config.id_field,
                       passage_words=config.passage_words)
-    docs = _drop_termless(rep.docs, rep.skipped)
+    return build_docs(rep.docs, config, rep.files, rep.skipped, what=f"corpus '{source}'")
+
+
+def build_docs(docs: list[dict], config: IndexConfig | None = None, files: list[dict] | None = None,
+               skipped: dict[str, int] | None = None, what: str = "the documents") -> Index:
+    """Index documents already read (``{"id", "source", "text"}``); termless ones are counted as empty."""
+    skipped = {"non_utf8": 0, "empty": 0, **(skipped or {})}
+    docs, token_lists = _tokenize(docs, skipped)
     if not docs:
-        raise SearchDataError(f"corpus '{source}' holds no document with text to index (skipped: "
-                              f"{rep.skipped['non_utf8']} not UTF-8, {rep.skipped['empty']} empty)")
-    index = Index(config, {}, np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32),
-                  np.zeros(0, np.int64), [], rep.files, dict(rep.skipped))
-    _append(index, docs)
+        raise SearchDataError(f"{what} holds no document with text to index (skipped: "
+                              f"{skipped['non_utf8']} not UTF-8, {skipped['empty']} empty)")
+    index = Index(config or IndexConfig(), {}, np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32),
+                  np.zeros(0, np.int64), [], list(files or []), skipped)
+    _append(index, docs, token_lists)
     return index
 
 
@@ -196,9 +201,9 @@ def add(index: Index, source: str | Path) -> dict:
     c = index.config
     rep = read_corpus(source, text_field=c.text_field, id_field=c.id_field, passage_words=c.passage_words,
                       known={f["path"] for f in index.files})
-    docs = _drop_termless(rep.docs, rep.skipped)
+    docs, token_lists = _tokenize(rep.docs, rep.skipped)
     if docs:
-        _append(index, docs)
+        _append(index, docs, token_lists)
     index.files += rep.files
     for k, v in rep.skipped.items():
         if k != "already_indexed":
