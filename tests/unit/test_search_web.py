@@ -90,3 +90,26 @@ def test_json_api(server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"{base}/nope")
     assert e.value.code == 404
+
+
+def test_cli_serve_process(tmp_path):
+    """`ankus search serve` in its own process: the URL on its first line, the API answering."""
+    import os
+    import sys
+
+    from ankus.cli import main
+
+    (tmp_path / "a.txt").write_text("Served from the same process as the page.")
+    assert main(["search", "index", str(tmp_path / "a.txt"), "--out", str(tmp_path / "idx")]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "ankus.cli", "search", "serve", str(tmp_path / "idx"), "--port", "0"],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ankus search: http://127.0.0.1:"), line
+        base = line.split()[2].rstrip("/")
+        with urllib.request.urlopen(f"{base}/api/search?q=served+page") as r:
+            assert json.loads(r.read())["results"][0]["id"] == "a.txt"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
