@@ -151,6 +151,17 @@ def test_bad_input(tmp_path):
         ix.load(tmp_path)
 
 
+def test_jsonl_ids_bom_and_shown_ids_redacted(tmp_path, capsys):
+    src = tmp_path / "rows.jsonl"
+    src.write_bytes("\ufeff".encode() + b'{"id": "bob@example.com", "body": "orange juice"}\r\n{"body": "orange peel"}\n')
+    index = ix.build(src, ix.IndexConfig(text_field="body"))
+    assert [d["id"] for d in index.docs] == ["bob@example.com", "rows.jsonl:2"]
+    ix.save(index, tmp_path / "idx")
+    assert main(["search", "query", str(tmp_path / "idx"), "orange"]) == 0
+    shown = capsys.readouterr().out
+    assert "[email]" in shown and "bob@" not in shown and "rows.jsonl:2" in shown
+
+
 def test_changed_corpus_on_add_and_atomic_save(tmp_path, monkeypatch):
     src = _write_jsonl(tmp_path / "a.jsonl", ["apple pie", "banana bread"])
     ix.save(ix.build(src), tmp_path / "idx")

@@ -40,7 +40,7 @@ def cmd_add(args) -> int:
 
 def cmd_query(args) -> int:
     from ankus.search.index import load, query_terms, search
-    from ankus.search.show import render
+    from ankus.search.show import redact, render
 
     index = load(args.index)
     hits = search(index, args.text, args.k)
@@ -48,7 +48,7 @@ def cmd_query(args) -> int:
         import json
 
         for h in hits:
-            print(json.dumps({"rank": h.rank, "id": h.id, "source": h.source, "score": h.score,
+            print(json.dumps({"rank": h.rank, "id": redact(h.id), "source": redact(h.source), "score": h.score,
                               "snippet": render(h.text, set(query_terms(args.text)), width=args.width)}))
         return 0
     style = "ansi" if sys.stdout.isatty() else "brackets"
@@ -56,7 +56,7 @@ def cmd_query(args) -> int:
     if not hits:
         print(f"no document contains a term of {args.text!r}")
     for h in hits:
-        print(f"{h.rank:>3}. {h.id}  (score {h.score:.3f})  {h.source}")
+        print(f"{h.rank:>3}. {redact(h.id)}  (score {h.score:.3f})  {redact(h.source)}")
         print(f"     {render(h.text, wanted, style=style, width=args.width)}\n")
     return 0
 

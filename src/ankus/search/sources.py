@@ -66,6 +66,8 @@ def _read_jsonl(path: Path, name: str, blob: bytes, fields: tuple[str, str], rep
         if line is None:
             rep.skipped["non_utf8"] += 1
             continue
+        if lineno == 1:
+            line = line.removeprefix("\ufeff")   # a byte-order mark
         if not line.strip():
             continue
         try:

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlparse
 from ankus.config import ConfigError
 from ankus.data.io import DataError
 from ankus.search.index import Index, query_terms, search
-from ankus.search.show import render
+from ankus.search.show import redact, render
 
 __all__ = ["SearchApp", "make_server"]
 
@@ -54,7 +54,7 @@ class SearchApp:
             raise ConfigError(f"k must be an integer, got {params['k'][0]!r}") from None
         hits = search(self.index, q, k)
         wanted = set(query_terms(q))
-        return q, k, [{"rank": h.rank, "id": h.id, "source": h.source, "score": round(h.score, 4),
+        return q, k, [{"rank": h.rank, "id": redact(h.id), "source": redact(h.source), "score": round(h.score, 4),
                        "snippet_html": render(h.text, wanted, style="html", width=self.width)} for h in hits]
 
     def api(self, params: dict[str, list[str]]) -> tuple[int, dict]:
