@@ -76,7 +76,9 @@ def _read_jsonl(path: Path, name: str, blob: bytes, fields: tuple[str, str], rep
             raise SearchDataError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno}); "
                                   "fix or delete the line") from None
         if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-            got = type(row).__name__ if not isinstance(row, dict) else f"fields {', '.join(row) or 'none'}"
+            got = (type(row).__name__ if not isinstance(row, dict) else
+                   f"'{text_field}' as {type(row[text_field]).__name__}" if text_field in row else
+                   f"fields {', '.join(row) or 'none'}")
             raise SearchDataError(f"{path}, line {lineno}: expected a JSON object with a string field "
                                   f"'{text_field}' (got {got}); pick the field with --text-field")
         if not row[text_field].strip():

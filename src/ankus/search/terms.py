@@ -38,12 +38,12 @@ _STEMS: dict[str, str] = {}
 
 def _stem_all(words: list[str]) -> list[str]:
     """Stems of lower-cased words, memoized (corpora repeat their words)."""
-    missing = list({w for w in words if w not in _STEMS})
+    missing = [w for w in set(words) if w not in _STEMS]
     if missing:
         if len(_STEMS) > 2_000_000:
             _STEMS.clear()
         _STEMS.update(zip(missing, _stemmer().stemWords(missing)))
-    return [_STEMS[w] for w in words]
+    return list(map(_STEMS.__getitem__, words))
 
 
 def stem(word: str) -> str:
