@@ -384,6 +384,12 @@ def _add_audit(sub) -> None:
         add(audits)
 
 
+def _add_search(sub) -> None:
+    from ankus.search.commands import add_parser
+
+    add_parser(sub)
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main demo: PPO on SmolLM2 towards positive movie reviews")
     p.add_argument("overrides", nargs="*", help="dotted overrides for ppo_sentiment")
@@ -399,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_models, _add_recipes, _add_generate, _add_train, _add_make_sentiment_dataset, _add_data, _add_eval,
-                _add_serve, _add_dpf, _add_audit, _add_demo):
+                _add_serve, _add_dpf, _add_audit, _add_search, _add_demo):
         add(sub)
     return parser
 
