@@ -283,7 +283,8 @@ def _add_make_sentiment_dataset(sub) -> None:
 
 
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="data tools: ankus data corpus NAME|DIR --out DIR")
+    p = sub.add_parser("data", help="data tools: corpus (tokenized shards), math-extract / math-train (math text "
+                       "from HTML)")
     data_sub = p.add_subparsers(dest="data_command", metavar="TOOL", required=True)
     q = data_sub.add_parser("corpus", help="tokenize a pretraining corpus (stdlib, shakespeare, or a directory "
                             "of .txt files) into shards")
@@ -291,6 +292,9 @@ def _add_data(sub) -> None:
     q.add_argument("--out", required=True, help="corpus directory to write (replaced whole)")
     q.add_argument("--shard-tokens", type=int, default=1 << 22, help="tokens per shard (documents are not split)")
     q.set_defaults(func=cmd_data_corpus)
+    from ankus.data.mathtext.cli import add_parsers as add_mathtext
+
+    add_mathtext(data_sub)
 
 
 def _add_eval(sub) -> None:
