@@ -94,6 +94,15 @@ def cmd_data_corpus(args) -> int:
     return 0
 
 
+def cmd_data_reverse(args) -> int:
+    from ankus.data.reverse import reverse_corpus
+
+    m = reverse_corpus(args.source, args.out, shard_tokens=args.shard_tokens)
+    print(f"{args.out}: {m['documents']} reversed documents, {m['tokens']} tokens in {len(m['shards'])} shard(s) "
+          f"({m['tokenizer']['name']}; from {m['source']})")
+    return 0
+
+
 def _eval_tokens(args, tok, needed: int) -> list[int]:
     """At least ``needed`` tokens of text for perplexity: an ``ankus data corpus`` directory (its
     held-out documents with --heldout), or stdlib / shakespeare / a directory of .txt files read
@@ -283,7 +292,7 @@ def _add_make_sentiment_dataset(sub) -> None:
 
 
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="data tools: ankus data corpus NAME|DIR --out DIR")
+    p = sub.add_parser("data", help="data tools: ankus data corpus|reverse NAME|DIR --out DIR")
     data_sub = p.add_subparsers(dest="data_command", metavar="TOOL", required=True)
     q = data_sub.add_parser("corpus", help="tokenize a pretraining corpus (stdlib, shakespeare, or a directory "
                             "of .txt files) into shards")
@@ -291,6 +300,13 @@ def _add_data(sub) -> None:
     q.add_argument("--out", required=True, help="corpus directory to write (replaced whole)")
     q.add_argument("--shard-tokens", type=int, default=1 << 22, help="tokens per shard (documents are not split)")
     q.set_defaults(func=cmd_data_corpus)
+    q = data_sub.add_parser("reverse", help="token-reversed copy of a corpus (each document's tokens backwards), "
+                            "to pretrain a reverse LM")
+    q.add_argument("source", help="an `ankus data corpus` directory, or stdlib, shakespeare, a directory of .txt "
+                   "files (tokenized first into OUT.forward)")
+    q.add_argument("--out", required=True, help="corpus directory to write (replaced whole)")
+    q.add_argument("--shard-tokens", type=int, default=1 << 22, help="tokens per shard (documents are not split)")
+    q.set_defaults(func=cmd_data_reverse)
 
 
 def _add_eval(sub) -> None:
@@ -380,8 +396,24 @@ def _add_audit(sub) -> None:
                        description="Audits; each writes JSONL, CSV tables and PNG plots into its run directory.")
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
     audits = p.add_subparsers(dest="audit_command", metavar="AUDIT")
-    for add in ():  # one _add_audit_<name>(audits) per audit; each adds its parser and sets func
+    for add in (_add_audit_elicit,):  # one _add_audit_<name>(audits) per audit; each adds its parser and sets func
         add(audits)
+
+
+def cmd_audit_elicit(args) -> int:
+    from ankus.audits.elicit import cli
+
+    return cli(args)
+
+
+def _add_audit_elicit(audits) -> None:
+    help = ("prefixes that make the forward LM say a target suffix: reverse-LM beam search and best-of-N "
+            "vs GCG vs random, at equal forward-pass budgets")
+    q = audits.add_parser("elicit", help=help, description=help + " (Pfau et al. 2023). Options come from a "
+                          "recipe (default audit_elicit) and dotted overrides, e.g. search.budget=32 targets.n=5.")
+    q.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. targets.n=5")
+    q.add_argument("--recipe", default="audit_elicit", help="recipe whose sections set the options")
+    q.set_defaults(func=cmd_audit_elicit)
 
 
 def _add_demo(sub) -> None:
