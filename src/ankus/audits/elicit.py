@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ankus.audits.gcg import gcg_search
-from ankus.audits.prefix_search import (Budget, check_context, random_best_of_n, reverse_beam_search,
+from ankus.audits.prefix_search import (Budget, check_context, last_logits, random_best_of_n, reverse_beam_search,
                                         reverse_best_of_n, score_prefixes)
 from ankus.config import ConfigError, RunConfig
 from ankus.data.io import DataError
@@ -116,7 +116,7 @@ def greedy_continuation(model, prefixes: torch.Tensor, n_tokens: int, banned: li
     cache: the rows are short), never choosing a ``banned`` token."""
     ids = prefixes
     for _ in range(n_tokens):
-        logits = model(input_ids=ids).logits[:, -1].float()  # (N, V)
+        logits = last_logits(model, ids)  # (N, V)
         logits[:, banned] = float("-inf")
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     return ids[:, prefixes.shape[1]:]

@@ -105,10 +105,20 @@ def _banned_mask(vocab: int, banned: list[int], device) -> torch.Tensor:
     return mask  # (V,)
 
 
+def last_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """``(B, V)`` float logits at the last position of ``ids`` (B, T); the output head runs on that
+    position only where the model takes ``logits_to_keep`` (transformers' causal LMs)."""
+    try:
+        out = model(input_ids=ids, logits_to_keep=1)
+    except TypeError:
+        out = model(input_ids=ids)
+    return out.logits[:, -1].float()
+
+
 @torch.no_grad()
 def _next_logprobs(reverse_model, seqs: torch.Tensor, banned: list[int]) -> torch.Tensor:
     """``(B, V)`` log-probs of the reverse LM's next token after each row of ``seqs`` (B, T)."""
-    logits = reverse_model(input_ids=seqs).logits[:, -1].float()  # (B, V)
+    logits = last_logits(reverse_model, seqs)  # (B, V)
     return torch.log_softmax(logits + _banned_mask(logits.shape[-1], banned, logits.device), dim=-1)
 
 
