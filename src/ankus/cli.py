@@ -94,6 +94,15 @@ def cmd_data_corpus(args) -> int:
     return 0
 
 
+def cmd_data_reverse(args) -> int:
+    from ankus.data.reverse import reverse_corpus
+
+    m = reverse_corpus(args.source, args.out, shard_tokens=args.shard_tokens)
+    print(f"{args.out}: {m['documents']} reversed documents, {m['tokens']} tokens in {len(m['shards'])} shard(s) "
+          f"({m['tokenizer']['name']}; from {m['source']})")
+    return 0
+
+
 def _eval_tokens(args, tok, needed: int) -> list[int]:
     """At least ``needed`` tokens of text for perplexity: an ``ankus data corpus`` directory (its
     held-out documents with --heldout), or stdlib / shakespeare / a directory of .txt files read
@@ -283,8 +292,8 @@ def _add_make_sentiment_dataset(sub) -> None:
 
 
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="data tools: corpus (tokenized shards), math-extract / math-train (math text "
-                       "from HTML)")
+    p = sub.add_parser("data", help="data tools: corpus (tokenized shards), reverse (token-reversed corpus), "
+                       "math-extract / math-train (math text from HTML)")
     data_sub = p.add_subparsers(dest="data_command", metavar="TOOL", required=True)
     q = data_sub.add_parser("corpus", help="tokenize a pretraining corpus (stdlib, shakespeare, or a directory "
                             "of .txt files) into shards")
@@ -295,6 +304,13 @@ def _add_data(sub) -> None:
     from ankus.data.mathtext.cli import add_parsers as add_mathtext
 
     add_mathtext(data_sub)
+    q = data_sub.add_parser("reverse", help="token-reversed copy of a corpus (each document's tokens backwards), "
+                            "to pretrain a reverse LM")
+    q.add_argument("source", help="an `ankus data corpus` directory, or stdlib, shakespeare, a directory of .txt "
+                   "files (tokenized first into OUT.forward)")
+    q.add_argument("--out", required=True, help="corpus directory to write (replaced whole)")
+    q.add_argument("--shard-tokens", type=int, default=1 << 22, help="tokens per shard (documents are not split)")
+    q.set_defaults(func=cmd_data_reverse)
 
 
 def _add_eval(sub) -> None:
@@ -384,7 +400,7 @@ def _add_audit(sub) -> None:
                        description="Audits; each writes JSONL, CSV tables and PNG plots into its run directory.")
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
     audits = p.add_subparsers(dest="audit_command", metavar="AUDIT")
-    for add in ():  # one _add_audit_<name>(audits) per audit; each adds its parser and sets func
+    for add in (_add_audit_elicit,):  # one _add_audit_<name>(audits) per audit; each adds its parser and sets func
         add(audits)
 
 
@@ -392,6 +408,22 @@ def _add_search(sub) -> None:
     from ankus.search.commands import add_parser
 
     add_parser(sub)
+
+
+def cmd_audit_elicit(args) -> int:
+    from ankus.audits.elicit import cli
+
+    return cli(args)
+
+
+def _add_audit_elicit(audits) -> None:
+    help = ("prefixes that make the forward LM say a target suffix: reverse-LM beam search and best-of-N "
+            "vs GCG vs random, at equal forward-pass budgets")
+    q = audits.add_parser("elicit", help=help, description=help + " (Pfau et al. 2023). Options come from a "
+                          "recipe (default audit_elicit) and dotted overrides, e.g. search.budget=32 targets.n=5.")
+    q.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. targets.n=5")
+    q.add_argument("--recipe", default="audit_elicit", help="recipe whose sections set the options")
+    q.set_defaults(func=cmd_audit_elicit)
 
 
 def _add_demo(sub) -> None:
