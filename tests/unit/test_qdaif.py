@@ -1,0 +1,195 @@
+"""QDAIF: the MAP-Elites archive (non-uniform bins, QD score, coverage, save/load), the judge's
+log-prob math, LMX prompts, the tiny-model pipeline through ``ankus qd run``, resume, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ankus.config import ConfigError, build
+from ankus.pipelines.qd_archive import ArchiveError, Grid, GridMismatchError, QDArchive, bin_index, load_archive
+from ankus.pipelines.qd_lm import JudgeError, judge, label_distribution, lmx_prompt, near_parents
+
+GRID1 = Grid.make(["sentiment"], [[0.1, 0.5, 0.9]])  # bins [0, .1) [.1, .5) [.5, .9) [.9, 1]
+GRID2 = Grid.make(["genre", "ending"], [[0.5], [0.2, 0.8]])  # 2 x 3 cells
+
+
+# ---------------------------------------------------------------------------------------------
+# archive
+
+
+def test_non_uniform_bin_mapping():
+    x = np.array([0.0, 0.05, 0.1, 0.3, 0.5, 0.89, 0.9, 0.99, 1.0])
+    assert bin_index(GRID1, x[:, None])[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 3]
+    assert bin_index(GRID2, np.array([[0.4, 0.1], [0.5, 0.5], [0.9, 0.95]])).tolist() == [[0, 0], [1, 1], [1, 2]]
+    assert GRID1.shape == (4,) and GRID2.shape == (2, 3) and GRID2.cells == 6
+
+
+def _hand_archive() -> QDArchive:
+    a = QDArchive(GRID1)
+    a.add(["a", "b"], [0.5, 0.2], np.array([[0.05], [0.3]]), iteration=1)
+    a.add(["c", "d", "e"], [0.6, 0.9, 0.1], np.array([[0.35], [0.95], [0.97]]), iteration=2)
+    return a
+
+
+def test_archive_keeps_the_best_per_bin_qd_score_and_coverage_by_hand():
+    a = _hand_archive()
+    # bin 0: a (.5); bin 1: b (.2) replaced by c (.6); bin 2 empty; bin 3: d (.9) beats e (.1)
+    assert [(e["bin"], e["text"], e["quality"]) for e in a.elites()] == [([0], "a", .5), ([1], "c", .6), ([3], "d", .9)]
+    assert a.qd_score() == pytest.approx(0.5 + 0.6 + 0.9)
+    assert a.coverage() == pytest.approx(3 / 4)
+    assert np.allclose(a.grid_values(), [0.5, 0.6, np.nan, 0.9], equal_nan=True)
+    b = QDArchive(GRID2)
+    b.add(["x", "y", "z"], [0.3, 0.4, 0.8], np.array([[0.1, 0.1], [0.9, 0.5], [0.95, 0.6]]))
+    assert b.qd_score() == pytest.approx(0.3 + 0.8) and b.coverage() == pytest.approx(2 / 6)
+    assert [e["bin"] for e in b.elites()] == [[0, 0], [1, 1]]
+
+
+def test_archive_save_load_roundtrip_and_named_errors(tmp_path):
+    a = _hand_archive()
+    a.save(tmp_path)
+    meta = json.loads((tmp_path / "archive_meta.json").read_text())
+    assert meta["shape"] == [4] and meta["ticks"] == [[0.1, 0.5, 0.9]] and meta["measures"] == ["sentiment"]
+    b = load_archive(tmp_path, GRID1)
+    assert b.elites() == a.elites() and b.qd_score() == a.qd_score()
+    with pytest.raises(GridMismatchError, match="ticks"):
+        load_archive(tmp_path, Grid.make(["sentiment"], [[0.2, 0.5, 0.9]]))
+    with pytest.raises(GridMismatchError, match="measures"):
+        load_archive(tmp_path, GRID2)
+    lines = (tmp_path / "archive.jsonl").read_text().splitlines()
+    (tmp_path / "archive.jsonl").write_text(lines[0].replace('"bin": [0]', '"bin": [2]') + "\n")
+    with pytest.raises(ArchiveError, match="line 1"):
+        load_archive(tmp_path, GRID1)
+    (tmp_path / "archive.jsonl").write_text("{not json\n")
+    with pytest.raises(ArchiveError, match="malformed"):
+        load_archive(tmp_path, GRID1)
+    with pytest.raises(ArchiveError, match="metadata"):
+        load_archive(tmp_path / "nowhere", GRID1)
+
+
+# ---------------------------------------------------------------------------------------------
+# judge math and prompts
+
+
+def test_label_distribution_by_hand():
+    top = {" yes": math.log(0.5), "Yes": math.log(0.1), " no": math.log(0.2), "maybe": math.log(0.2)}
+    # yes = .5 + .1 = .6, no = .2 -> P(yes) = .6 / .8 = .75
+    assert label_distribution(top, ["yes", "no"]) == pytest.approx([0.75, 0.25])
+    assert label_distribution({" no": -1.0}, ["yes", "no"]) == pytest.approx([0.0, 1.0])
+    with pytest.raises(JudgeError, match="none of the labels"):
+        label_distribution({" maybe": -0.1, "The": -2.0}, ["yes", "no"])
+
+
+class FakeJudge:
+    """Top-k answers by question: quality prompts say 'Q', sentiment prompts say 'S'."""
+
+    def top_logprobs(self, prompts, k, chat_template, batched, prefixes):
+        assert prefixes == ["Answer:", "Sentiment:"] * (len(prompts) // 2)
+        return [{" yes": math.log(0.3), " no": math.log(0.1)} if p.startswith("Q") else
+                {" positive": math.log(0.2), " negative": math.log(0.6), "x": -0.1} for p in prompts]
+
+
+def test_judge_scores_each_text_for_each_question():
+    qs = [{"prompt": "Q {text}", "labels": ["yes", "no"], "prefix": "Answer:"},
+          {"prompt": "S {text}", "labels": ["positive", "negative"], "prefix": "Sentiment:"}]
+    scores = judge(FakeJudge(), ["a", "b", "c"], qs, k=5, chat_template=True)
+    assert scores.shape == (3, 2) and np.allclose(scores, [[0.75, 0.25]] * 3)
+
+
+def test_lmx_prompt_and_near_parents():
+    assert lmx_prompt(["a ", "b"], "H:\n", "\n###\n") == "H:\na\n###\nH:\nb\n###\nH:\n"
+    elites = [{"bin": [i], "text": f"t{i}"} for i in (0, 1, 2, 9, 10)]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        parents = near_parents(elites, 3, 1, rng)
+        anchor = int(parents[0][1:])
+        if anchor in (0, 1, 2):  # two neighbours within radius 1 exist only for the middle one
+            assert all(int(p[1:]) <= 2 for p in parents[1:]) or anchor != 1
+        assert len(parents) == 3 and len(set(parents)) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# the tiny-model pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from ankus.chat import LocalChat
+    from ankus.models.loading import load_model
+    from ankus.pipelines.qd_lm import LocalLM
+
+    model, tok = load_model("tiny-llama")
+    return LocalLM(LocalChat(model=model, tokenizer=tok))
+
+
+def test_local_judge_forward_matches_unpadded_rows(tiny_lm):
+    prompts, prefixes = ["Is this good? x", "A much longer prompt, is this one good too?"], ["Answer:", ""]
+    batched = tiny_lm.top_logprobs(prompts, 5, True, True, prefixes)
+    single = tiny_lm.top_logprobs(prompts, 5, True, False, prefixes)
+    for b, s, p, x in zip(batched, single, prompts, prefixes):
+        ids = torch.tensor([tiny_lm.encode(p, True, x)])
+        with torch.no_grad():
+            ref = torch.log_softmax(tiny_lm.model(input_ids=ids).logits[0, -1], -1).topk(5)
+        assert list(b) == list(s) == [tiny_lm.tokenizer.decode([int(t)]) for t in ref.indices]
+        assert np.allclose(list(b.values()), ref.values.numpy(), atol=1e-4)
+
+
+def _tiny_cfg(tmp: Path, **search):
+    from ankus.pipelines.qdaif import Config
+
+    return build(Config, {"lm": {"spec": "tiny-llama"}, "judge": {"top_logprobs": 100000},
+                          "mutation": {"max_new_tokens": 4, "seeds": ["I like beans.", "Kale is bad.", "Peas!"]},
+                          "search": {"iterations": 2, "batch_size": 2, **search},
+                          "run": {"out_dir": str(tmp / "runs"), "name": "qd", "progress": False}})
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_lm):
+    from ankus.pipelines.qdaif import run_method
+
+    cfg = _tiny_cfg(tmp_path, iterations=3, init_iterations=1, mutation="lmx_near")
+    whole, h_whole = run_method("qdaif", cfg, tiny_lm, tiny_lm, tmp_path / "a", log=lambda s: None)
+    run_method("qdaif", cfg, tiny_lm, tiny_lm, tmp_path / "b", log=lambda s: None, stop_after=1)  # "crash"
+    resumed, h_res = run_method("qdaif", cfg, tiny_lm, tiny_lm, tmp_path / "b", resume=True, log=lambda s: None)
+    assert resumed.elites() == whole.elites()
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert drop(h_res) == drop(h_whole) and len(h_res) == 3
+
+
+def test_cli_qd_run_smoke(tmp_path):
+    from ankus.cli import main
+
+    recipe = tmp_path / "qd.yaml"
+    recipe.write_text(Path(__file__).resolve().parents[2].joinpath("src/ankus/recipes/qdaif_opinions.yaml").read_text())
+    overrides = ["lm.spec=tiny-llama", "judge.top_logprobs=100000", "mutation.max_new_tokens=4",
+                 "search.iterations=2", "search.batch_size=2", f"run.out_dir={tmp_path}", "run.name=qd"]
+    assert main(["qd", "run", str(recipe), *overrides]) == 0
+    run = tmp_path / "qd"
+    with open(run / "curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["lm_calls"]) for r in rows] == [(m, c) for m in ("qdaif", "random", "fixed_few_shot",
+                                                                             "quality_only") for c in ("2", "4")]
+    assert (run / "curves.png").stat().st_size > 0 and (run / "qdaif" / "heatmap.png").stat().st_size > 0
+    assert len((run / "qdaif" / "archive.jsonl").read_text().splitlines()) == int(rows[1]["elites"])
+    # the judge's top-1 token is no label: a named, one-line error
+    assert main(["qd", "run", str(recipe), *overrides[:-1], "run.name=qd2", "judge.top_logprobs=1",
+                 "search.methods=[random]"]) == 2
+
+
+def test_config_errors(tmp_path):
+    from ankus.pipelines.qdaif import check_config
+
+    for bad in ({"search": {"methods": ["qdaif", "nope"]}}, {"lm": {"served_model": "x"}},
+                {"judge": {"measures": []}}, {"search": {"mutation": "lmx"}, "mutation": {"near_radius": 5}}):
+        cfg = _tiny_cfg(tmp_path)
+        merged = build(type(cfg), {**{"lm": {"spec": "tiny-llama"}}, **bad})
+        with pytest.raises(ConfigError):
+            check_config(merged)
+    with pytest.raises(JudgeError):  # a ConfigError, printed as one line by the CLI
+        raise JudgeError("x")
+    assert issubclass(JudgeError, ConfigError) and issubclass(GridMismatchError, ArchiveError)
