@@ -193,3 +193,16 @@ def test_config_errors(tmp_path):
     with pytest.raises(JudgeError):  # a ConfigError, printed as one line by the CLI
         raise JudgeError("x")
     assert issubclass(JudgeError, ConfigError) and issubclass(GridMismatchError, ArchiveError)
+
+
+@pytest.mark.parametrize("name", ["qdaif_opinions", "qdaif_stories"])
+def test_shipped_recipes_build_and_check(name):
+    from ankus.config import read_yaml
+    from ankus.pipelines.qdaif import Config, check_config, grid_of
+    from ankus.recipes import TRAINERS, resolve_recipe
+
+    data = read_yaml(resolve_recipe(name))
+    assert TRAINERS[data["algorithm"]] == "ankus.pipelines.qdaif"
+    cfg = build(Config, data)
+    check_config(cfg)
+    assert grid_of(cfg).shape == ((20,) if name == "qdaif_opinions" else (10, 10))
