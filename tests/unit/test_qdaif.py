@@ -105,13 +105,25 @@ def test_judge_scores_each_text_for_each_question():
 def test_lmx_prompt_and_near_parents():
     assert lmx_prompt(["a ", "b"], "H:\n", "\n###\n") == "H:\na\n###\nH:\nb\n###\nH:\n"
     elites = [{"bin": [i], "text": f"t{i}"} for i in (0, 1, 2, 9, 10)]
-    rng = np.random.default_rng(0)
-    for _ in range(20):
+    rng, seen = np.random.default_rng(0), set()
+    for _ in range(40):
         parents = near_parents(elites, 3, 1, rng)
-        anchor = int(parents[0][1:])
-        if anchor in (0, 1, 2):  # two neighbours within radius 1 exist only for the middle one
-            assert all(int(p[1:]) <= 2 for p in parents[1:]) or anchor != 1
-        assert len(parents) == 3 and len(set(parents)) == 3
+        seen.add(parents[0])
+        if parents[0] == "t1":  # both neighbours lie within radius 1
+            assert set(parents[1:]) == {"t0", "t2"}
+        if parents[0] == "t9":  # one neighbour within the radius, then the nearest beyond it
+            assert parents[1:] == ["t10", "t2"]
+    assert seen == {"t0", "t1", "t2", "t9", "t10"}
+
+
+def test_heatmaps_1d_and_2d(tmp_path):
+    from ankus.pipelines.qd_plots import plot_heatmap
+
+    b = QDArchive(GRID2)
+    b.add(["x", "y"], [0.3, 0.8], np.array([[0.1, 0.1], [0.95, 0.6]]))
+    assert np.allclose(b.grid_values(), [[0.3, np.nan, np.nan], [np.nan, 0.8, np.nan]], equal_nan=True)
+    for name, archive in (("one.png", _hand_archive()), ("two.png", b)):
+        assert plot_heatmap(archive, tmp_path / name).stat().st_size > 1000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,19 +152,24 @@ def test_local_judge_forward_matches_unpadded_rows(tiny_lm):
         assert np.allclose(list(b.values()), ref.values.numpy(), atol=1e-4)
 
 
-def _tiny_cfg(tmp: Path, **search):
+def _tiny_cfg(tmp: Path, recipe: str | None = None, **search):
+    from ankus.config import read_yaml
     from ankus.pipelines.qdaif import Config
+    from ankus.recipes import resolve_recipe
 
-    return build(Config, {"lm": {"spec": "tiny-llama"}, "judge": {"top_logprobs": 100000},
-                          "mutation": {"max_new_tokens": 4, "seeds": ["I like beans.", "Kale is bad.", "Peas!"]},
-                          "search": {"iterations": 2, "batch_size": 2, **search},
-                          "run": {"out_dir": str(tmp / "runs"), "name": "qd", "progress": False}})
+    data = read_yaml(resolve_recipe(recipe)) if recipe else {}
+    return build(Config, data, {"lm.spec": "tiny-llama", "judge.top_logprobs": 100000, "mutation.max_new_tokens": 4,
+                                "mutation.seeds": ["I like beans.", "Kale is bad.", "Peas!"],
+                                "search.iterations": 2, "search.batch_size": 2,
+                                **{f"search.{k}": v for k, v in search.items()},
+                                "run.out_dir": str(tmp / "runs"), "run.name": "qd", "run.progress": False})
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_lm):
     from ankus.pipelines.qdaif import run_method
 
-    cfg = _tiny_cfg(tmp_path, iterations=3, init_iterations=1, mutation="lmx_near")
+    cfg = _tiny_cfg(tmp_path, "qdaif_stories", iterations=3, init_iterations=1)  # 2-D grid, lmx_near
+    assert cfg.search.mutation == "lmx_near" and len(cfg.judge.measures) == 2
     whole, h_whole = run_method("qdaif", cfg, tiny_lm, tiny_lm, tmp_path / "a", log=lambda s: None)
     run_method("qdaif", cfg, tiny_lm, tiny_lm, tmp_path / "b", log=lambda s: None, stop_after=1)  # "crash"
     resumed, h_res = run_method("qdaif", cfg, tiny_lm, tiny_lm, tmp_path / "b", resume=True, log=lambda s: None)
