@@ -89,7 +89,12 @@ class QDArchive:
     """MAP-Elites archive of texts over a (non-uniform) :class:`Grid`."""
 
     def __init__(self, grid: Grid) -> None:
-        from ribs.archives import GridArchive  # pyribs; imported here (its import pulls numba)
+        try:
+            from ribs.archives import GridArchive  # pyribs; imported here (its import pulls numba)
+        except ImportError:
+            from ankus.config import ConfigError
+
+            raise ConfigError("ankus qd needs pyribs: pip install 'ankus[qd]' (or 'ribs>=0.12,<0.13')") from None
 
         self.grid = grid
         d = len(grid.names)
