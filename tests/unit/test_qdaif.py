@@ -202,7 +202,8 @@ def test_config_errors(tmp_path):
     from ankus.pipelines.qdaif import check_config
 
     for bad in ({"search": {"methods": ["qdaif", "nope"]}}, {"lm": {"served_model": "x"}},
-                {"judge": {"measures": []}}, {"search": {"mutation": "lmx"}, "mutation": {"near_radius": 5}}):
+                {"judge": {"measures": []}}, {"search": {"mutation": "lmx"}, "mutation": {"near_radius": 5}},
+                {"judge": {"spec": "http://127.0.0.1:1/v1"}}):  # an HTTP judge with chat_template: true
         cfg = _tiny_cfg(tmp_path)
         merged = build(type(cfg), {**{"lm": {"spec": "tiny-llama"}}, **bad})
         with pytest.raises(ConfigError):

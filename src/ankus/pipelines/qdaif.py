@@ -171,6 +171,9 @@ def check_config(cfg: Config) -> None:
         reject_unused(cfg.lm, ["served_model", "api_key_env"], "qdaif", "unless lm.spec is an http(s) URL", "lm")
     if not _is_http(cfg.judge.spec):
         reject_unused(cfg.judge, ["served_model"], "qdaif", "unless judge.spec is an http(s) URL", "judge")
+    if cfg.judge.chat_template and _is_http(cfg.judge.spec or cfg.lm.spec):
+        raise ConfigError("judge.chat_template: true needs a local judge; an HTTP judge gets raw text "
+                          "(/v1/completions): set judge.chat_template=false")
     if cfg.search.mutation != "lmx_near" or "qdaif" not in cfg.search.methods:
         reject_unused(cfg.mutation, ["near_radius"], "qdaif", "unless search.mutation is lmx_near", "mutation")
     if "quality_only" not in cfg.search.methods:
