@@ -196,6 +196,7 @@ def test_cli_qd_run_smoke(tmp_path):
     # the judge's top-1 token is no label: a named, one-line error
     assert main(["qd", "run", str(recipe), *overrides[:-1], "run.name=qd2", "judge.top_logprobs=1",
                  "search.methods=[random]"]) == 2
+    assert main(["qd", "run", str(recipe), *overrides[:-1], "run.name=qd3", "run.save_model=true"]) == 2
 
 
 def test_config_errors(tmp_path):

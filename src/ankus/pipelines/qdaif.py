@@ -302,12 +302,15 @@ def train(cfg: Config, reward_fn=None, resume: bool = False, log=print) -> dict[
     if reward_fn is not None:
         raise ConfigError("qdaif scores texts with its AI-feedback judge (judge section); it takes no reward_fn")
     check_config(cfg)
+    if cfg.run.save_model:
+        raise ConfigError("run.save_model is not used by the qdaif pipeline (it trains no model); set it false")
+    quiet = (lambda s: None) if not cfg.run.progress else log  # per-iteration lines only with run.progress
     run_dir = create_run_dir(cfg.run, "qdaif", cfg, exist_ok=resume)
     lm, judge_lm = backends(cfg)
     rows, table = [], []
     for method in cfg.search.methods:
         t0 = time.perf_counter()
-        archive, history = run_method(method, cfg, lm, judge_lm, run_dir / method, resume, log)
+        archive, history = run_method(method, cfg, lm, judge_lm, run_dir / method, resume, quiet)
         archive.save(run_dir / method)
         plot_heatmap(archive, run_dir / method / "heatmap.png", f"{method}: quality per cell")
         rows += history
