@@ -215,6 +215,12 @@ def cmd_dpf(args) -> int:
     return cli(args)
 
 
+def cmd_qd(args) -> int:
+    from ankus.pipelines.qdaif import cli
+
+    return cli(args)
+
+
 def cmd_demo(args) -> int:
     """The README's main job: PPO on SmolLM2 for positive movie reviews. It runs again as it is:
     when ``runs/ppo_sentiment`` holds an earlier run (and no ``run.name``/``run.out_dir`` is
@@ -395,6 +401,19 @@ def _add_dpf(sub) -> None:
     q.add_argument("--out", required=True, help="directory for table.csv and eval_responses.jsonl")
 
 
+def _add_qd(sub) -> None:
+    p = sub.add_parser("qd", help="quality-diversity search with AI feedback (QDAIF): ankus qd run RECIPE",
+                       description="Quality-Diversity through AI Feedback: MAP-Elites over texts, LMX mutations, "
+                       "an LM judge's label log-probs for quality and diversity, against three baselines.")
+    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
+    q = p.add_subparsers(dest="qd_command", metavar="STEP").add_parser(
+        "run", help="run a qdaif recipe (all its methods) into one run directory")
+    q.add_argument("recipe", help="a recipe path or shipped name (qdaif_opinions, qdaif_stories)")
+    q.add_argument("overrides", nargs="*", help="dotted overrides, e.g. search.iterations=4 judge.spec=http://...")
+    q.add_argument("--resume", action="store_true", help="continue each method from its last checkpointed archive")
+    q.set_defaults(func=cmd_qd)
+
+
 def _add_audit(sub) -> None:
     p = sub.add_parser("audit", help="audits of what a model learned: ankus audit AUDIT ...",
                        description="Audits; each writes JSONL, CSV tables and PNG plots into its run directory.")
@@ -441,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_models, _add_recipes, _add_generate, _add_train, _add_make_sentiment_dataset, _add_data, _add_eval,
-                _add_serve, _add_dpf, _add_audit, _add_search, _add_demo):
+                _add_serve, _add_dpf, _add_qd, _add_audit, _add_search, _add_demo):
         add(sub)
     return parser
 

@@ -10,7 +10,10 @@ Parameters: ``max_tokens`` (default 16 for completions, as OpenAI; 256 for chat;
 to what the context leaves), ``temperature`` (0 = greedy), ``top_p``, ``n``, ``stop``, ``seed``;
 and ankus' extensions ``top_k``, ``guidance_scale`` (classifier-free guidance gamma),
 ``negative_prompt`` (raw text, or one per prompt) and, for chat, ``negative_messages`` (a
-conversation whose formatted tokens are the unconditional context). ``stream`` is not supported.
+conversation whose formatted tokens are the unconditional context). Completions take ``logprobs: k``
+(k <= 20): OpenAI's ``tokens``, ``token_logprobs``, ``top_logprobs`` (the k most likely next
+tokens at each generated position), ``text_offset``, under the raw model; an AI-feedback judge
+reads label probabilities from them (``max_tokens: 1``). ``stream`` is not supported.
 Other OpenAI parameters are refused unless they hold their default (``presence_penalty: 0``...),
 and unknown keys are refused, so a typo never silently changes nothing.
 
@@ -53,7 +56,8 @@ _LINGER_S, _LINGER_BYTES = 2.0, 64 << 20  # after an error: how long / how much 
 _COMMON_KEYS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "top_k",
                 "guidance_scale", "negative_prompt"}
 _CHAT_KEYS = _COMMON_KEYS | {"messages", "negative_messages", "max_completion_tokens"}
-_COMPLETION_KEYS = _COMMON_KEYS | {"prompt"}
+_COMPLETION_KEYS = _COMMON_KEYS | {"prompt", "logprobs"}
+MAX_LOGPROBS = 20  # completions' ``logprobs``: top-k log-probs per generated token
 _IGNORED_KEYS = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls"}
 # OpenAI parameters ankus does not implement: accepted only at a value that changes nothing
 _UNSUPPORTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "logprobs": (False, 0),
@@ -150,7 +154,7 @@ def _messages(value, key: str) -> list[dict]:
 def _sampling(body: dict, keys: set[str]) -> dict:
     """The sampling fields of a request, checked: everything but the prompts."""
     for k, v in body.items():
-        if k in _UNSUPPORTED and v is not None and v not in _UNSUPPORTED[k]:
+        if k in _UNSUPPORTED and k not in keys and v is not None and v not in _UNSUPPORTED[k]:
             raise APIError(f"'{k}' is not supported by ankus serve (only its default is accepted)", k)
         if k not in keys and k not in _IGNORED_KEYS and k not in _UNSUPPORTED:
             raise APIError(f"unrecognized request argument: '{k}'", k)
@@ -250,7 +254,7 @@ class ModelAPI:
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": finish} for i, (text, finish) in enumerate(choices)],
+                             "finish_reason": finish} for i, (text, finish, _) in enumerate(choices)],
                 "usage": usage}
 
     def completions(self, body: dict) -> dict:
@@ -267,17 +271,18 @@ class ModelAPI:
             elif len(negative) != len(prompts):
                 raise APIError(f"'negative_prompt' has {len(negative)} entries for {len(prompts)} prompts; "
                                "give one for all or one per prompt", "negative_prompt")
+        top_k = _integer(body, "logprobs", 0, lo=0, hi=MAX_LOGPROBS)
         if len(prompts) * params["n"] > MAX_ROWS:
             raise APIError(f"{len(prompts)} prompts x n={params['n']} asks for more than {MAX_ROWS} completions "
                            "in one request", "n")
         with self.lock:
             ids = self._encode_raw(prompts, "prompt")
             neg = None if negative is None else self._encode_raw(negative, "negative_prompt")
-            choices, usage = self._run(ids, neg, params, "completions")
+            choices, usage = self._run(ids, neg, params, "completions", top_k)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name,
-                "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-                            for i, (text, finish) in enumerate(choices)],
+                "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
+                            for i, (text, finish, lp) in enumerate(choices)],
                 "usage": usage}
 
     # -- under the lock ------------------------------------------------------------------------
@@ -294,10 +299,11 @@ class ModelAPI:
                 raise APIError(f"'{key}' has a token id outside [0, {self.vocab_size})", key)
         return encode_prompts(self.tokenizer, prompts, chat_template=False)
 
-    def _run(self, ids: list[list[int]], neg: list[list[int]] | None, p: dict, kind: str
-             ) -> tuple[list[tuple[str, str]], dict]:
+    def _run(self, ids: list[list[int]], neg: list[list[int]] | None, p: dict, kind: str, top_k: int = 0
+             ) -> tuple[list[tuple[str, str, dict | None]], dict]:
         """Generate ``n`` completions per prompt (ids: one token-id list per prompt). Returns
-        ``[(text, finish_reason)]`` in OpenAI's order (prompt-major) and the usage counts."""
+        ``[(text, finish_reason, logprobs)]`` in OpenAI's order (prompt-major) and the usage counts;
+        ``logprobs`` is None unless ``top_k`` > 0 (:meth:`_logprobs`)."""
         what = "messages" if kind == "chat" else "prompt"
         longest = max(len(x) for x in ids + (neg or []))
         if p["max_tokens"] is not None and p["max_tokens"] > self.context:
@@ -328,10 +334,28 @@ class ModelAPI:
             if not ended and p["stop"]:  # a stop string may have ended the row on its last allowed token
                 full = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 ended = any(s in full for s in p["stop"])
-            choices.append((text, "stop" if ended or lengths[r] < max_tokens else "length"))
+            choices.append((text, "stop" if ended or lengths[r] < max_tokens else "length",
+                            self._logprobs(rows[r], tokens, top_k) if top_k else None))
         prompt_tokens, completion_tokens = sum(len(x) for x in ids), int(sum(lengths))
         return choices, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                          "total_tokens": prompt_tokens + completion_tokens}
+
+
+    @torch.no_grad()
+    def _logprobs(self, prompt: list[int], tokens: list[int], k: int) -> dict:
+        """OpenAI's completions ``logprobs`` for one row: each generated token, its log-prob and
+        the top-``k`` tokens with theirs, under the raw model (T = 1, no filtering, no guidance),
+        from one forward over prompt + completion."""
+        full = torch.tensor([prompt + tokens], device=self.model.device)  # (1, P + N)
+        logits = self.model(input_ids=full).logits[0, len(prompt) - 1:-1].float()  # (N, V)
+        logp = torch.log_softmax(logits, -1)
+        values, index = logp.topk(k, dim=-1)  # (N, k)
+        names = [self.tokenizer.decode([t]) for t in tokens]
+        offsets = [sum(len(x) for x in names[:i]) for i in range(len(names))]
+        return {"tokens": names, "token_logprobs": [float(logp[i, t]) for i, t in enumerate(tokens)],
+                "top_logprobs": [{self.tokenizer.decode([int(t)]): float(v) for t, v in zip(index[i], values[i])}
+                                 for i in range(len(tokens))],
+                "text_offset": offsets}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 
 from ankus.chat import ChatError, HTTPChat, LocalChat
 from ankus.generation.engine import GenerationConfig, encode_prompts, generate
@@ -132,6 +133,45 @@ def test_completions_list_prompt_and_n(tiny, server):
     assert texts[0] == texts[1] and texts[2] == texts[3]
 
 
+def test_completions_logprobs_top_k(tiny, server):
+    """``logprobs: k``: OpenAI's completions shape; the top-k equal the model's own log-softmax."""
+    model, tok = tiny
+    req = {"prompt": ["Is the sky blue? Answer:", "Two plus two is"], "max_tokens": 2, "temperature": 0, "logprobs": 5}
+    status, body = call(server, "POST", "/v1/completions", req)
+    assert status == 200
+    for prompt, choice in zip(req["prompt"], body["choices"]):
+        lp = choice["logprobs"]
+        assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+        assert len(lp["tokens"]) == len(lp["top_logprobs"]) == len(lp["token_logprobs"]) >= 1
+        ids = encode_prompts(tok, [prompt], chat_template=False)[0]
+        with server.api.lock, torch.no_grad():
+            ref = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], -1).topk(5)
+        first = lp["top_logprobs"][0]
+        assert len(first) == 5 and list(first) == [tok.decode([int(t)]) for t in ref.indices]
+        assert list(first.values()) == pytest.approx(ref.values.tolist(), abs=1e-4)
+        assert lp["tokens"][0] == list(first)[0]  # greedy: the first token is the top one
+        assert lp["token_logprobs"][0] == pytest.approx(ref.values[0].item(), abs=1e-4)
+    assert call(server, "POST", "/v1/completions", {**req, "logprobs": None})[1]["choices"][0]["logprobs"] is None
+
+
+def test_httplm_judge_equals_local_judge(tiny, server):
+    """The QDAIF judge over HTTP (ankus serve's completions logprobs) equals the local forward."""
+    from ankus.pipelines.qd_lm import HTTPLM, JudgeError, LocalLM, judge
+
+    local, remote = LocalLM(LocalChat(model=tiny[0], tokenizer=tiny[1])), HTTPLM(server.url)
+    for text in ("I like peas.", "Kale is a vegetable that some people eat every day."):
+        q = {"prompt": "Text: {text}\nIs it good? Answer yes or no.", "prefix": " Answer:"}
+        with server.api.lock:
+            top = local.top_logprobs([q["prompt"].replace("{text}", text)], 20, False, True, [q["prefix"]])[0]
+        q["labels"] = [list(top)[0], list(top)[2]]  # a random model's answers: its own top tokens as labels
+        with server.api.lock:
+            expected = judge(local, [text], [q], 20, chat_template=False)
+        got = judge(remote, [text], [q], 20, chat_template=False)
+        assert got.shape == (1, 1) and 0 < got[0, 0] < 1 and got == pytest.approx(expected, abs=1e-4)
+        with pytest.raises(JudgeError):  # labels outside the top-k
+            judge(remote, [text], [{**q, "labels": ["zzzqqq", "qqqzzz"]}], 20, chat_template=False)
+
+
 def test_greedy_equals_engine(tiny, server):
     prompt = "The capital of France is"
     status, body = call(server, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0})
@@ -230,6 +270,9 @@ BAD = [
     ("POST", "/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
     ("POST", "/v1/completions", {"prompt": ["a"] * 40, "n": 2}, 400, "n"),
     ("POST", "/v1/completions", {"prompt": ["a", "b"], "negative_prompt": ["x", "y", "z"]}, 400, "negative_prompt"),
+    ("POST", "/v1/completions", {"prompt": "a", "logprobs": 21}, 400, "logprobs"),
+    ("POST", "/v1/completions", {"prompt": "a", "logprobs": True}, 400, "logprobs"),
+    ("POST", "/v1/chat/completions", {"messages": MSG, "logprobs": 3}, 400, "logprobs"),
     ("GET", "/v1/nothing", None, 404, None),
     ("POST", "/v1/embeddings", {"input": "x"}, 404, None),
     ("GET", "/v1/chat/completions", None, 405, None),

@@ -25,6 +25,7 @@ TRAINERS: dict[str, str] = {
     "dpo": "ankus.trainers.dpo",
     "pretrain": "ankus.trainers.pretrain",
     "dpf": "ankus.pipelines.dpf",  # the Direct Principle Feedback pipeline (data, DPO, evaluation)
+    "qdaif": "ankus.pipelines.qdaif",  # Quality-Diversity through AI Feedback (MAP-Elites over texts)
 }
 
 RECIPES_DIR = Path(__file__).resolve().parent
