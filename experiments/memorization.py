@@ -27,17 +27,18 @@ from pathlib import Path
 OUT = Path("runs/experiments/memorization")
 ANKUS = [sys.executable, "-m", "ankus.cli"]
 FILES = ["_aix_support.py", "_compression.py", "bisect.py"]  # the training slice (one of them held out)
-MODELS = ["llama-5m", "llama-20m"]
-TARGET = "llama-20m"
+MODELS = ["tiny-llama", "llama-5m"]  # smaller, larger
+TARGET = "llama-5m"
+AUDIT_EVERY = 100  # audit the checkpoints of these steps
 WINDOWS = ["--context", "32", "--continuation", "32", "--stride", "16"]
 THRESHOLDS = [1.0, 0.5]
 
 
 def step(name: str, args: list[str]) -> None:
-    timings = json.loads((OUT / "timings.json").read_text()) if (OUT / "timings.json").exists() else {}
     t0 = time.perf_counter()
     with open(OUT / f"{name}.log", "w") as log:
         rc = subprocess.call(ANKUS + args, stdout=log, stderr=subprocess.STDOUT)
+    timings = json.loads((OUT / "timings.json").read_text()) if (OUT / "timings.json").exists() else {}
     timings[name] = {"command": "ankus " + " ".join(args), "wall_s": round(time.perf_counter() - t0, 1), "rc": rc}
     (OUT / "timings.json").write_text(json.dumps(timings, indent=1))
     print(f"  {name}: {timings[name]['wall_s']} s", flush=True)
@@ -55,9 +56,13 @@ def train() -> None:
         shutil.copy(lib / f, texts / (Path(f).stem + ".txt"))
     if not (OUT / "corpus" / "manifest.json").exists():
         step("corpus", ["data", "corpus", str(texts), "--out", str(OUT / "corpus")])
-    for m in MODELS:
+    models = [m for m in MODELS if not (OUT / f"train-{m}" / "model" / "config.json").exists()]
+    if len(sys.argv) > 2:  # train one model (two processes can train both at once)
+        models = [sys.argv[2]]
+    for m in models:  # a run stopped earlier (or trained for fewer steps) continues from its last checkpoint
+        resume = ["--resume"] if (OUT / f"train-{m}" / "checkpoints").exists() else []
         step(f"train-{m}", ["train", "audit_memorization", f"model.spec={m}", f"data.corpus={OUT / 'corpus'}",
-                            f"run.out_dir={OUT}", f"run.name=train-{m}"])
+                            f"run.out_dir={OUT}", f"run.name=train-{m}", *resume])
 
 
 def audit() -> None:
@@ -65,6 +70,8 @@ def audit() -> None:
     for m in MODELS:
         for ckpt in sorted((OUT / f"train-{m}" / "checkpoints").glob("step-*")):
             n = int(ckpt.name.split("-")[1])
+            if n % AUDIT_EVERY or (OUT / f"audit-{m}-{n}" / "summary.json").exists():
+                continue
             step(f"audit-{m}-{n}", ["audit", "memorization", "--model", m, "--checkpoint", str(ckpt), "--data",
                                     str(corpus), *WINDOWS, "--device", "cpu", "--out", str(OUT / f"audit-{m}-{n}")])
 
