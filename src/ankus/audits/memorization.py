@@ -109,7 +109,7 @@ def check_fits(model, cfg: MemorizationConfig) -> None:
 
 def _jsonl_documents(path: Path, tokenizer) -> list[tuple[str, np.ndarray]]:
     docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -285,7 +285,7 @@ def read_sequences(path: str | Path) -> list[dict]:
     path = path / "sequences.jsonl" if path.is_dir() else path
     if not path.exists():
         raise MemorizationDataError(f"{path}: no audit here; run `ankus audit memorization ... --out DIR` first")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]  # not splitlines: \x0c, \u2028 sit in texts
 
 
 # ---------------------------------------------------------------------------------------------
