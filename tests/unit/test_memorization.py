@@ -148,6 +148,9 @@ def test_inputs_text_jsonl_and_corpus(tok, tmp_path):
     assert [n for n, _ in docs] == ["a.txt", "greet", "b.jsonl:2"]
     assert docs[0][1].tolist() == tok("hello world", add_special_tokens=False)["input_ids"]
     assert docs[2][1].tolist() == [5, 6, 7]
+    odd = tmp_path / "odd.jsonl"  # form feeds and line separators inside a row are not line breaks
+    odd.write_text(json.dumps({"text": "a\x0cb\u2028c"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert len(mem.load_documents(odd, tok)) == 1
     from ankus.data.corpus import build_corpus
 
     build_corpus(str(tmp_path / "d"), tmp_path / "corpus", tokenizer=tok)

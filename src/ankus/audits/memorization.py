@@ -285,7 +285,8 @@ def read_sequences(path: str | Path) -> list[dict]:
     path = path / "sequences.jsonl" if path.is_dir() else path
     if not path.exists():
         raise MemorizationDataError(f"{path}: no audit here; run `ankus audit memorization ... --out DIR` first")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]  # not splitlines: \x0c, \u2028 sit in texts
+    lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): \x0c and \u2028 sit inside texts
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------
