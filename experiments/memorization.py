@@ -117,6 +117,29 @@ def table() -> None:
     md += ["| " + " | ".join(fmt(v) for v in r.values()) + " |" for r in rows]
     (OUT / "predict.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+    plot(rows, final)
+
+
+def plot(rows: list[dict], final: str) -> None:
+    """predict.png: precision and recall (threshold 1.0) of each model's checkpoints against the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    for ax, key in zip(axes, ("precision", "recall")):
+        for m in MODELS:
+            pts = [(r["step"], r[key]) for r in rows if r["predictor"] == m and r["threshold"] == 1.0
+                   and not math.isnan(r[key])]
+            ax.plot(*zip(*pts), marker="o", label=m)
+        ax.set_xlabel("training step of the predictor")
+        ax.set_title(f"{key} vs {final}'s memorized set", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "predict.png", dpi=110)
+    plt.close(fig)
 
 
 def probe_texts() -> Path:

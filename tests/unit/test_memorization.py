@@ -192,3 +192,12 @@ def test_cli_smoke(model, tok, tmp_path, capsys):
                "--continuation", "100", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.splitlines()[-1]  # (after the weight-loading progress bar)
     assert rc == 2 and err.startswith("error: windows of 1000 context + 100 continuation = 1100 tokens exceed")
+
+
+def test_recipe_builds():
+    from ankus.config import build, read_yaml
+    from ankus.recipes import resolve_recipe
+    from ankus.trainers.pretrain import Config
+
+    cfg = build(Config, read_yaml(resolve_recipe("audit_memorization")), ["model.spec=tiny-llama"])
+    assert cfg.trainer.keep_last == 0 and cfg.trainer.checkpoint_every == 50 and cfg.data.seq_length == 64
