@@ -10,6 +10,10 @@ Prints windows per second of each, their ratio, and whether the scores agree on 
 ran (greedy decoding of the same model: they should, up to a rare near-tie in fp32).
 A warm-up call runs first for each (packing the weights, allocator); then one timed run each.
 On a shared machine the absolute numbers move with the load; quote the ratio.
+
+Measured 2026-12-06 on the shared 2-core CPU (defaults; docs/memorization.md): ankus 1.90 windows/s,
+transformers 0.24 windows/s, 7.89x (load ~4.5); under load ~10-16: 0.34 vs 0.04, 8.69x. Scores
+agreed on 16 of 16 windows both times.
 """
 
 from __future__ import annotations
