@@ -419,7 +419,8 @@ def _add_audit(sub) -> None:
                        description="Audits; each writes JSONL, CSV tables and PNG plots into its run directory.")
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
     audits = p.add_subparsers(dest="audit_command", metavar="AUDIT")
-    for add in (_add_audit_elicit,):  # one _add_audit_<name>(audits) per audit; each adds its parser and sets func
+    # one _add_audit_<name>(audits) per audit; each adds its parser and sets func
+    for add in (_add_audit_elicit, _add_audit_memorization):
         add(audits)
 
 
@@ -443,6 +444,41 @@ def _add_audit_elicit(audits) -> None:
     q.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. targets.n=5")
     q.add_argument("--recipe", default="audit_elicit", help="recipe whose sections set the options")
     q.set_defaults(func=cmd_audit_elicit)
+
+
+def _add_audit_memorization(audits) -> None:
+    q = audits.add_parser("memorization", help="k-extractability: does greedy decoding reproduce the training data?",
+                          description="k-extractability (Biderman et al. 2023): for each window of the data, the "
+                          "share of the next --continuation tokens that greedy decoding from the --context tokens "
+                          "before them reproduces (1.0 = memorized). Writes sequences.jsonl, summary.csv, "
+                          "summary.json and histogram.png into --out.")
+    q.add_argument("--model", default="smollm2-135m-instruct", help="model spec (see `ankus models`)")
+    q.add_argument("--checkpoint", help="a training run's checkpoints/step-N directory: its weights on --model")
+    q.add_argument("--data", required=True, help="an `ankus data corpus` directory, a .jsonl file (rows with "
+                   "'tokens' or 'text'), a text file, or a directory of .txt/.jsonl files")
+    q.add_argument("--context", type=int, default=32, help="tokens given to the model")
+    q.add_argument("--continuation", type=int, default=32, help="tokens generated and compared")
+    q.add_argument("--stride", type=int, default=64, help="a window starts every STRIDE tokens of a document")
+    q.add_argument("--batch-size", type=int, default=64, help="windows generated together")
+    q.add_argument("--max-windows", type=int, default=0, help="audit the first N windows only (0 = all)")
+    q.add_argument("--threshold", type=float, default=1.0, help="score counted as memorized (1.0 = exact)")
+    q.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    q.add_argument("--out", required=True, help="run directory for the outputs")
+    q.set_defaults(func=cmd_audit_memorization)
+
+
+def cmd_audit_memorization(args) -> int:
+    from ankus.audits import memorization as mem
+
+    cfg = mem.MemorizationConfig(args.context, args.continuation, args.stride, args.batch_size, args.max_windows,
+                                 args.threshold)
+    mem.check_config(cfg)
+    model, tok = mem.load_audited_model(args.model, args.checkpoint, args.device)
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    s = mem.run(model, tok, args.data, args.out, cfg, {"model": args.model, "checkpoint": args.checkpoint}, say)
+    print(f"{s['memorized']} of {s['windows']} windows memorized (score >= {cfg.threshold}), mean score "
+          f"{s['mean_score']}, {s['sequences_per_s']} windows/s; outputs in {args.out}")
+    return 0
 
 
 def _add_demo(sub) -> None:
