@@ -380,8 +380,48 @@ def _add_audit(sub) -> None:
                        description="Audits; each writes JSONL, CSV tables and PNG plots into its run directory.")
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
     audits = p.add_subparsers(dest="audit_command", metavar="AUDIT")
-    for add in ():  # one _add_audit_<name>(audits) per audit; each adds its parser and sets func
+    for add in (_add_audit_directions,):  # one _add_audit_<name>(audits) per audit; each adds its parser and sets func
         add(audits)
+
+
+def cmd_audit_directions(args) -> int:
+    from ankus.audits.linear_directions import cmd_audit_directions as run
+
+    return run(args)
+
+
+def cmd_steer(args) -> int:
+    from ankus.audits.linear_directions import cmd_steer as run
+
+    return run(args)
+
+
+def _add_audit_directions(audits) -> None:
+    p = audits.add_parser("directions", help="linear sentiment directions: probe, ablate, patch, steer",
+                          description="Find a sentiment direction by mean difference, k-means, PCA, logistic "
+                                      "regression and DAS; probe, mean-ablate and patch it; steer with it. Writes "
+                                      "probe/ablation/steering CSVs, results.jsonl, directions.png and "
+                                      "directions/*.safetensors into the run directory.")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. layers=[6] alphas=[-8,0,8]")
+    p.add_argument("--recipe", default="audit_directions", help="recipe name or YAML path")
+    p.set_defaults(func=cmd_audit_directions)
+
+
+def _add_steer(sub) -> None:
+    p = sub.add_parser("steer", help="generate with alpha x a saved direction added to the residual stream",
+                       description="Generate with a direction (ankus audit directions writes them) added at "
+                                   "its layer: alpha times the unit direction, at every position.")
+    p.add_argument("prompts", nargs="+", help="prompt text(s)")
+    p.add_argument("--direction", required=True, help="a direction .safetensors file")
+    p.add_argument("--alpha", type=float, required=True, help="steering strength (0 = unsteered)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model spec (see `ankus models`)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_steer)
 
 
 def _add_demo(sub) -> None:
@@ -399,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_models, _add_recipes, _add_generate, _add_train, _add_make_sentiment_dataset, _add_data, _add_eval,
-                _add_serve, _add_dpf, _add_audit, _add_demo):
+                _add_serve, _add_dpf, _add_audit, _add_steer, _add_demo):
         add(sub)
     return parser
 
