@@ -177,6 +177,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _named_files(items: list[str]) -> dict[str, str]:
+    """["NAME=FILE", ...] -> {NAME: FILE}."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--direction takes NAME=FILE (e.g. positive=runs/x/directions/mean_diff_L6.safetensors), "
+                              f"got '{item}'")
+        out[name] = path
+    return out
+
+
 def cmd_serve(args) -> int:
     import os
 
@@ -190,7 +202,8 @@ def cmd_serve(args) -> int:
     try:
         serve(args.model, args.host, args.port, served_name=args.served_name, device=device,
               api_key=args.api_key or os.environ.get("ANKUS_API_KEY") or None,
-              batch_size=args.batch_size, seed=args.seed, quiet=args.quiet)
+              batch_size=args.batch_size, seed=args.seed, quiet=args.quiet,
+              direction_files=_named_files(args.direction or []))
     except ServeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -337,6 +350,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward within one request")
     p.add_argument("--seed", type=int, help="seed for requests without one (default: random)")
     p.add_argument("--quiet", action="store_true", help="do not log each request")
+    p.add_argument("--direction", action="append", metavar="NAME=FILE",
+                   help="a steering direction requests may name: \"steering\": {\"direction\": NAME, \"alpha\": A}")
     p.set_defaults(func=cmd_serve)
 
 

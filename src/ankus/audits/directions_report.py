@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ankus.audits.interventions import ablation_edit, accuracy, encode, fraction_removed, last_logit_diffs
+from ankus.audits.interventions import ablation_edit, accuracy, content_mask, encode, fraction_removed, last_logit_diffs
 from ankus.data.tokens import position_ids_from_mask
 from ankus.generation.engine import GenerationConfig
 from ankus.generation.hooks import check_layers, n_layers, residual_stream
@@ -41,7 +41,7 @@ def _clean_pass(model, batches, label_ids, layers: list[int], comma: int) -> tup
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                            logits_to_keep=1).logits[:, -1].float()
         lds.append(logits[:, label_ids[0]] - logits[:, label_ids[1]])
-        sel = {"all": mask.bool(), "commas": mask.bool() & (ids == comma)}
+        sel = {"all": content_mask(mask), "commas": content_mask(mask) & (ids == comma)}
         for key, s in sel.items():
             counts[key] += int(s.sum())
             for la in layers:
@@ -81,7 +81,7 @@ def ablation_rows(model, tokenizer, cfg, data, dirs: dict) -> list[dict]:
                 proj = {la: float(means[pos][la] @ d) for la in layers}
 
                 def select(ids, mask, pos=pos):
-                    return mask.bool() & (ids == comma) if pos == "commas" else mask.bool()
+                    return content_mask(mask) & (ids == comma) if pos == "commas" else content_mask(mask)
                 ld = last_logit_diffs(model, batches, label_ids, ablation_edit(d, proj, select))
                 acc, ldm = accuracy(ld, labels), float((ld * sign).mean())
                 rows.append({"dataset": name, "layer": layer, "method": method, "positions": pos, "n": len(labels),

@@ -25,7 +25,7 @@ from ankus.data.tokens import pad_id, position_ids_from_mask
 from ankus.generation.engine import left_pad
 from ankus.generation.hooks import edit_residual, residual_stream
 
-__all__ = ["mean_ablate", "patch_along", "logit_diff", "accuracy", "fraction_removed", "encode",
+__all__ = ["mean_ablate", "patch_along", "logit_diff", "accuracy", "fraction_removed", "content_mask", "encode",
            "last_logit_diffs", "mean_projections", "ablation_edit"]
 
 
@@ -56,6 +56,13 @@ def fraction_removed(acc_clean: float, acc_ablated: float, chance: float = 0.5) 
     if acc_clean <= chance:
         return math.nan
     return (acc_clean - acc_ablated) / (acc_clean - chance)
+
+
+def content_mask(mask: Tensor) -> Tensor:
+    """(b, T) attention mask -> (b, T) bool: real tokens but each row's first. The first token's
+    residual stream is an attention sink many times the others' norm (SmolLM2: ~750 vs ~110 at
+    layer 6); means and ablations leave it out."""
+    return mask.bool() & (position_ids_from_mask(mask) > 0)
 
 
 def encode(tokenizer, texts: list[str], batch_size: int) -> list[tuple[Tensor, Tensor]]:

@@ -30,7 +30,7 @@ from torch import Tensor
 from ankus.audits import sentiment_data as sd
 from ankus.audits.directions import (METHODS, das_direction, find_direction, interchange_accuracy, orient,
                                      probe_accuracy)
-from ankus.audits.interventions import encode
+from ankus.audits.interventions import content_mask, encode
 from ankus.config import ConfigError, RunConfig
 from ankus.data.tokens import position_ids_from_mask
 from ankus.generation.hooks import check_layers, residual_stream
@@ -86,8 +86,9 @@ class DirectionsConfig:
     steer_method: str = "mean_diff"
     steer_layer: int = -1
     """Layer of the steering direction; -1 = the first of ``layers``."""
-    alphas: list[float] = dataclasses.field(default_factory=lambda: [-8.0, -4.0, 0.0, 4.0, 8.0])
-    """Steering strengths: alpha times the unit direction is added to the residual stream."""
+    alphas: list[float] = dataclasses.field(default_factory=lambda: [-40.0, -20.0, -10.0, 0.0, 10.0, 20.0, 40.0])
+    """Steering strengths: alpha times the unit direction is added to the residual stream (SmolLM2-135M's
+    residual norm is ~110 per token at layer 6)."""
     steer_prompts: list[str] = dataclasses.field(default_factory=lambda: list(STEER_PROMPTS))
     samples_per_prompt: int = 2
     steer_tokens: int = 32
@@ -135,12 +136,13 @@ def toy_activations(model, tokenizer, toy: sd.ToySet, layers: list[int]) -> tupl
 
 @torch.no_grad()
 def mean_token_activations(model, batches: list[tuple[Tensor, Tensor]], layers: list[int]) -> dict[int, Tensor]:
-    """{layer: (N, D)} the residual stream averaged over each text's real tokens."""
+    """{layer: (N, D)} the residual stream averaged over each text's real tokens but the first
+    (the attention sink: :func:`~ankus.audits.interventions.content_mask`)."""
     out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     for ids, mask in batches:
         with residual_stream(model, layers) as acts:
             model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=1)
-        m = mask.unsqueeze(-1).float()
+        m = content_mask(mask).unsqueeze(-1).float()
         for layer in layers:
             out[layer].append((acts[layer][0].float() * m).sum(1) / m.sum(1))
     return {layer: torch.cat(v) for layer, v in out.items()}
