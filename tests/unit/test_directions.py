@@ -13,7 +13,7 @@ import torch
 from ankus.audits.directions import (EmptyActivationsError, find_direction, logistic_direction, mean_diff,
                                      probe_accuracy)
 from ankus.audits.interventions import accuracy, fraction_removed, logit_diff, mean_ablate, patch_along
-from ankus.generation.engine import GenerationConfig, generate, left_pad
+from ankus.generation.engine import GenerationConfig, generate
 from ankus.generation.hooks import HookPointError, add_direction, edit_residual, residual_stream
 from ankus.generation.steering import (Direction, DirectionMismatchError, load_direction, save_direction, steer)
 from ankus.models.layers import decoder_layers
