@@ -267,3 +267,17 @@ def test_audit_directions_and_steer_commands(tiny, tmp_path, capsys):
     assert main(["audit", "directions", "model=tiny-llama", "layers=[7]", "ablate_from=[7]", "steer_layer=7",
                  f"run.out_dir={tmp_path}"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_shipped_recipe_builds_and_bad_settings_are_named():
+    from ankus.audits.linear_directions import DirectionsConfig, check_config
+    from ankus.config import ConfigError, build, read_yaml
+    from ankus.recipes import resolve_recipe
+
+    cfg = build(DirectionsConfig, read_yaml(resolve_recipe("audit_directions")))
+    check_config(cfg)
+    assert cfg.model == "smollm2-135m-instruct" and len(cfg.alphas) >= 5
+    for bad, match in ((["methods=[lda]"], "unknown direction method"), (["alphas=[]"], "alphas is empty"),
+                       (["steer_method=das", "methods=[pca]"], "steer_method"), (["ablate_from=[3]"], "ablate_from")):
+        with pytest.raises(ConfigError, match=match):
+            check_config(build(DirectionsConfig, read_yaml(resolve_recipe("audit_directions")), bad))

@@ -140,7 +140,7 @@ def _patched_logit_diff(model, ids: Tensor, src_h: Tensor, layer: int, d: Tensor
 
 
 def das_direction(model, ids: list[Tensor], resid: list[Tensor], labels: Sequence[int], groups: Sequence[int], layer: int,
-                  label_ids: tuple[int, int], steps: int = 40, lr: float = 0.05, batch: int = 16, seed: int = 0,
+                  label_ids: tuple[int, int], steps: int = 40, lr: float = 0.01, batch: int = 16, seed: int = 0,
                   init: Tensor | None = None) -> tuple[Tensor, list[float]]:
     """DAS: a unit (D,) direction trained so that patching its coordinate from a source sentence
     into a base sentence (same template, opposite label) makes the label logit difference follow
@@ -150,7 +150,8 @@ def das_direction(model, ids: list[Tensor], resid: list[Tensor], labels: Sequenc
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     D = resid[0].shape[-1]
-    w = (init.clone().float() if init is not None else torch.randn(D, generator=gen)).requires_grad_(True)
+    w = init.clone().float() if init is not None else torch.randn(D, generator=gen)
+    w = (w / w.norm()).requires_grad_(True)  # unit start: lr is a step size on the sphere's scale
     opt = torch.optim.Adam([w], lr=lr)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:

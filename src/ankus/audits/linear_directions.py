@@ -70,9 +70,9 @@ class DirectionsConfig:
     """Reviews with VADER |compound| below this are dropped as neutral."""
     batch_size: int = 16
     """Rows per forward."""
-    das_steps: int = 20
+    das_steps: int = 24
     """Optimisation steps of DAS (Adam on the direction only)."""
-    das_lr: float = 0.05
+    das_lr: float = 0.01
     das_batch: int = 8
     """(base, source) pairs per DAS step."""
     patch_pairs: int = 32
