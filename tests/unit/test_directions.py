@@ -253,7 +253,7 @@ def test_audit_directions_and_steer_commands(tiny, tmp_path, capsys):
         assert (run / name).is_file(), name
     assert len((run / "reviews.jsonl").read_text().splitlines()) == 4  # the neutral one is dropped
     probe = (run / "probe.csv").read_text().splitlines()
-    assert len(probe) == 1 + 2 * 5
+    assert len(probe) == 1 + 2 * 5 + 2  # + the no-patch base rate per layer
     tables = {json.loads(line)["table"] for line in (run / "results.jsonl").read_text().splitlines()}
     assert {"data", "probe", "ablation", "steering", "time"} <= tables
     capsys.readouterr()

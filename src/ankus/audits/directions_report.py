@@ -159,7 +159,7 @@ def plot_tables(run_dir: Path, tables: dict[str, list[dict]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    probe = tables["probe"]
+    probe = [r for r in tables["probe"] if "probe_acc_heldout_words" in r]
     labels = [f"{r['method']}\nL{r['layer']}" for r in probe]
     xs = range(len(probe))
     axes[0].bar([x - 0.2 for x in xs], [r["probe_acc_heldout_words"] for r in probe], 0.4, label="held-out words")

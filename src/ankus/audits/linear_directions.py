@@ -177,7 +177,12 @@ def fit_directions(model, cfg: DirectionsConfig, data: dict, log) -> dict[tuple[
 
 def probe_rows(model, cfg: DirectionsConfig, data: dict, dirs: dict) -> list[dict]:
     """Each direction as a classifier on held-out words and on reviews; its interchange accuracy."""
-    rows = []
+    test = data["test"]
+    rows = [{"layer": layer, "method": "none (no patch)",
+             "interchange_acc": interchange_accuracy(model, data["test_ids"], data["test_resid"][layer], test.labels,
+                                                     test.template, layer, torch.zeros(data["X_train"][layer].shape[1]),
+                                                     data["label_ids"], cfg.patch_pairs, cfg.seed + 1)}
+            for layer in cfg.layers]  # the base rate: sources' label without any intervention
     y_train, y_test = torch.tensor(data["train"].labels), torch.tensor(data["test"].labels)
     y_rev = torch.tensor(data["review_labels"])
     for (method, layer), d in dirs.items():
