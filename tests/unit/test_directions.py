@@ -243,7 +243,8 @@ def test_audit_directions_and_steer_commands(tiny, tmp_path, capsys):
         "A wonderful, moving film. I loved it.", "Terrible acting, boring and awful.", "Great fun, brilliant cast.",
         "A dull, painful mess, I hated it.", "It was a film."]))
     rc = main(["audit", "directions", "model=tiny-llama", "layers=[1,2]", "ablate_from=[1]", "steer_layer=1",
-               f"reviews_file={reviews}", "words_per_class=6", "das_steps=2", "das_batch=4", "patch_pairs=4",
+               "ablate_layers=[0,1]", "comma_methods=[das]", "eval_sentences=8",
+               f"reviews_file={reviews}", "words_per_class=4", "das_steps=2", "das_batch=4", "patch_pairs=4",
                "alphas=[-4,0,4]", "samples_per_prompt=1", "steer_tokens=3", "steer_prompts=[Hello there]",
                f"run.out_dir={tmp_path}", "run.name=a"])
     assert rc == 0

@@ -158,7 +158,7 @@ def plot_tables(run_dir: Path, tables: dict[str, list[dict]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.5))
     probe = [r for r in tables["probe"] if "probe_acc_heldout_words" in r]
     labels = [f"{r['method']}\nL{r['layer']}" for r in probe]
     xs = range(len(probe))
@@ -168,12 +168,12 @@ def plot_tables(run_dir: Path, tables: dict[str, list[dict]]) -> None:
     axes[0].set(title="probe accuracy", ylim=(0, 1))
     axes[0].legend(fontsize=7)
     abl = [r for r in tables["ablation"] if r["method"] != "none"]
-    names = [f"{r['dataset'][:6]}\n{r['method']}\n{r['positions']}" for r in abl]
+    names = [f"{r['dataset'][:7]} {r['method']} {r['positions']}" for r in abl]
     axes[1].bar(range(len(abl)), [r["accuracy"] for r in abl])
     for r in tables["ablation"]:
         if r["method"] == "none":
             axes[1].axhline(r["accuracy"], ls="--", lw=0.8, color="k")
-    axes[1].set_xticks(range(len(abl)), names, fontsize=5)
+    axes[1].set_xticks(range(len(abl)), names, fontsize=6, rotation=90)
     axes[1].set(title="zero-shot accuracy, direction mean-ablated (dashed: clean)", ylim=(0, 1))
     st = sorted(tables["steering"], key=lambda r: r["alpha"])
     axes[2].errorbar([r["alpha"] for r in st], [r["vader_mean"] for r in st], [r["vader_se"] for r in st], marker="o")
