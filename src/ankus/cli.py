@@ -339,7 +339,8 @@ def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over a model (/v1/chat/completions...)",
                        description="Serve a model over HTTP with OpenAI's API: GET /v1/models, "
                                    "POST /v1/chat/completions, POST /v1/completions (no streaming). "
-                                   "Extensions: top_k, guidance_scale, negative_prompt, negative_messages.")
+                                   "Extensions: top_k, guidance_scale, negative_prompt, negative_messages, "
+                                   "steering ({\"direction\": NAME, \"alpha\": A} with --direction NAME=FILE).")
     p.add_argument("--model", default="smollm2-135m-instruct", help="model spec (see `ankus models`)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port")
