@@ -186,6 +186,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _named_files(items: list[str]) -> dict[str, str]:
+    """["NAME=FILE", ...] -> {NAME: FILE}."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--direction takes NAME=FILE (e.g. positive=runs/x/directions/mean_diff_L6.safetensors), "
+                              f"got '{item}'")
+        out[name] = path
+    return out
+
+
 def cmd_serve(args) -> int:
     import os
 
@@ -199,7 +211,8 @@ def cmd_serve(args) -> int:
     try:
         serve(args.model, args.host, args.port, served_name=args.served_name, device=device,
               api_key=args.api_key or os.environ.get("ANKUS_API_KEY") or None,
-              batch_size=args.batch_size, seed=args.seed, quiet=args.quiet)
+              batch_size=args.batch_size, seed=args.seed, quiet=args.quiet,
+              direction_files=_named_files(args.direction or []))
     except ServeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -352,7 +365,8 @@ def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over a model (/v1/chat/completions...)",
                        description="Serve a model over HTTP with OpenAI's API: GET /v1/models, "
                                    "POST /v1/chat/completions, POST /v1/completions (no streaming). "
-                                   "Extensions: top_k, guidance_scale, negative_prompt, negative_messages.")
+                                   "Extensions: top_k, guidance_scale, negative_prompt, negative_messages, "
+                                   "steering ({\"direction\": NAME, \"alpha\": A} with --direction NAME=FILE).")
     p.add_argument("--model", default="smollm2-135m-instruct", help="model spec (see `ankus models`)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port")
@@ -363,6 +377,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward within one request")
     p.add_argument("--seed", type=int, help="seed for requests without one (default: random)")
     p.add_argument("--quiet", action="store_true", help="do not log each request")
+    p.add_argument("--direction", action="append", metavar="NAME=FILE",
+                   help="a steering direction requests may name: \"steering\": {\"direction\": NAME, \"alpha\": A}")
     p.set_defaults(func=cmd_serve)
 
 
@@ -420,7 +436,7 @@ def _add_audit(sub) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
     audits = p.add_subparsers(dest="audit_command", metavar="AUDIT")
     # one _add_audit_<name>(audits) per audit; each adds its parser and sets func
-    for add in (_add_audit_elicit, _add_audit_memorization):
+    for add in (_add_audit_elicit, _add_audit_memorization, _add_audit_directions):
         add(audits)
 
 
@@ -481,6 +497,46 @@ def cmd_audit_memorization(args) -> int:
     return 0
 
 
+def cmd_audit_directions(args) -> int:
+    from ankus.audits.linear_directions import cmd_audit_directions as run
+
+    return run(args)
+
+
+def cmd_steer(args) -> int:
+    from ankus.audits.linear_directions import cmd_steer as run
+
+    return run(args)
+
+
+def _add_audit_directions(audits) -> None:
+    p = audits.add_parser("directions", help="linear sentiment directions: probe, ablate, patch, steer",
+                          description="Find a sentiment direction by mean difference, k-means, PCA, logistic "
+                                      "regression and DAS; probe, mean-ablate and patch it; steer with it. Writes "
+                                      "probe/ablation/steering CSVs, results.jsonl, directions.png and "
+                                      "directions/*.safetensors into the run directory.")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. layers=[6] alphas=[-8,0,8]")
+    p.add_argument("--recipe", default="audit_directions", help="recipe name or YAML path")
+    p.set_defaults(func=cmd_audit_directions)
+
+
+def _add_steer(sub) -> None:
+    p = sub.add_parser("steer", help="generate with alpha x a saved direction added to the residual stream",
+                       description="Generate with a direction (ankus audit directions writes them) added at "
+                                   "its layer: alpha times the unit direction, at every position.")
+    p.add_argument("prompts", nargs="+", help="prompt text(s)")
+    p.add_argument("--direction", required=True, help="a direction .safetensors file")
+    p.add_argument("--alpha", type=float, required=True, help="steering strength (0 = unsteered)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model spec (see `ankus models`)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_steer)
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main demo: PPO on SmolLM2 towards positive movie reviews")
     p.add_argument("overrides", nargs="*", help="dotted overrides for ppo_sentiment")
@@ -496,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_models, _add_recipes, _add_generate, _add_train, _add_make_sentiment_dataset, _add_data, _add_eval,
-                _add_serve, _add_dpf, _add_qd, _add_audit, _add_search, _add_demo):
+                _add_serve, _add_dpf, _add_qd, _add_audit, _add_steer, _add_search, _add_demo):
         add(sub)
     return parser
 

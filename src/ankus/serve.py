@@ -13,7 +13,10 @@ and ankus' extensions ``top_k``, ``guidance_scale`` (classifier-free guidance ga
 conversation whose formatted tokens are the unconditional context). Completions take ``logprobs: k``
 (k <= 20): OpenAI's ``tokens``, ``token_logprobs``, ``top_logprobs`` (the k most likely next
 tokens at each generated position), ``text_offset``, under the raw model; an AI-feedback judge
-reads label probabilities from them (``max_tokens: 1``). ``stream`` is not supported.
+reads label probabilities from them (``max_tokens: 1``).
+``steering`` (``{"direction": NAME, "alpha": A}``: alpha times a direction the server was
+started with, ``--direction NAME=FILE``, added to the residual stream;
+:mod:`ankus.generation.steering`). ``stream`` is not supported.
 Other OpenAI parameters are refused unless they hold their default (``presence_penalty: 0``...),
 and unknown keys are refused, so a typo never silently changes nothing.
 
@@ -43,6 +46,7 @@ import torch
 
 from ankus.chat import LocalChat, check_conversation
 from ankus.generation.engine import GenerationConfig, encode_prompts, eos_token_ids, generate
+from ankus.generation.steering import Direction, check_direction, steer
 
 __all__ = ["APIError", "ModelAPI", "ServeError", "make_server", "serve"]
 
@@ -54,7 +58,7 @@ MAX_BODY_BYTES = 1 << 20
 _LINGER_S, _LINGER_BYTES = 2.0, 64 << 20  # after an error: how long / how much unread input is dropped
 
 _COMMON_KEYS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "top_k",
-                "guidance_scale", "negative_prompt"}
+                "guidance_scale", "negative_prompt", "steering"}
 _CHAT_KEYS = _COMMON_KEYS | {"messages", "negative_messages", "max_completion_tokens"}
 _COMPLETION_KEYS = _COMMON_KEYS | {"prompt", "logprobs"}
 MAX_LOGPROBS = 20  # completions' ``logprobs``: top-k log-probs per generated token
@@ -180,7 +184,19 @@ def _sampling(body: dict, keys: set[str]) -> dict:
         stop=list(stop or []),
         seed=_integer(body, "seed", None, lo=-(2 ** 63), hi=2 ** 64 - 1),
         guidance_scale=_number(body, "guidance_scale", 1.0),
+        steering=_steering(body.get("steering")),
     )
+
+
+def _steering(value) -> tuple[str, float] | None:
+    """The ``steering`` field, checked for shape: None or (direction name, alpha)."""
+    if value is None:
+        return None
+    if not (isinstance(value, dict) and set(value) <= {"direction", "alpha"} and isinstance(value.get("direction"), str)
+            and isinstance(value.get("alpha"), (int, float)) and not isinstance(value["alpha"], bool)
+            and math.isfinite(value["alpha"])):
+        raise APIError("'steering' must be {\"direction\": NAME, \"alpha\": NUMBER} (a finite number)", "steering")
+    return value["direction"], float(value["alpha"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,8 +217,11 @@ class ModelAPI:
     """The OpenAI endpoints over one ``(model, tokenizer)``; ``lock`` serialises model use."""
 
     def __init__(self, model, tokenizer, name: str, *, batch_size: int = 16, seed: int | None = None,
-                 context: int | None = None) -> None:
+                 context: int | None = None, directions: dict[str, Direction] | None = None) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.directions = dict(directions or {})
+        for key, d in self.directions.items():
+            check_direction(d, model, where=f"direction '{key}'")
         self.batch_size = batch_size
         self.context = context or context_length(model) or 2048
         self.vocab_size = model.get_input_embeddings().num_embeddings
@@ -287,6 +306,12 @@ class ModelAPI:
 
     # -- under the lock ------------------------------------------------------------------------
 
+    def _direction(self, name: str) -> Direction:
+        if name not in self.directions:
+            known = ", ".join(sorted(self.directions)) or "none (start the server with --direction NAME=FILE)"
+            raise APIError(f"unknown steering direction '{name}'; this server has: {known}", "steering")
+        return self.directions[name]
+
     def _encode_chat(self, messages: list[dict], key: str) -> list[int]:
         try:
             return self.chat.encode(messages)
@@ -324,8 +349,12 @@ class ModelAPI:
         rows = [x for x in ids for _ in range(n)]  # prompt-major: choice i*n + j is sample j of prompt i
         neg_rows = None if neg is None else [x for x in neg for _ in range(n)]
         gen = self.generator if p["seed"] is None else torch.Generator().manual_seed(p["seed"])
-        out = generate(self.model, self.tokenizer, rows, config, negative_prompts=neg_rows, generator=gen,
-                       batch_size=self.batch_size)
+        if p["steering"] is None:
+            out = generate(self.model, self.tokenizer, rows, config, negative_prompts=neg_rows, generator=gen,
+                           batch_size=self.batch_size)
+        else:
+            out = steer(self.model, self.tokenizer, rows, self._direction(p["steering"][0]), p["steering"][1], config,
+                        negative_prompts=neg_rows, generator=gen, batch_size=self.batch_size)
         lengths = out.response_mask.sum(-1).tolist()  # (B,) generated tokens per row, EOS included
         choices = []
         for r, text in enumerate(out.texts):
@@ -521,20 +550,24 @@ class _Server(ThreadingHTTPServer):
 
 def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, *, name: str = "local",
                 api_key: str | None = None, batch_size: int = 16, seed: int | None = None,
-                max_body: int = MAX_BODY_BYTES, request_timeout: float = 60.0, quiet: bool = False) -> _Server:
+                max_body: int = MAX_BODY_BYTES, request_timeout: float = 60.0, quiet: bool = False,
+                directions: dict[str, Direction] | None = None) -> _Server:
     """A bound, not yet running server (``.serve_forever()``, ``.shutdown()``, ``.url``); port 0
-    picks a free port."""
-    api = ModelAPI(model, tokenizer, name, batch_size=batch_size, seed=seed)
+    picks a free port. ``directions``: name -> steering direction for requests' ``steering``."""
+    api = ModelAPI(model, tokenizer, name, batch_size=batch_size, seed=seed, directions=directions)
     return _Server((host, port), api, api_key=api_key, max_body=max_body, request_timeout=request_timeout,
                    quiet=quiet)
 
 
 def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, *, served_name: str | None = None,
-          device: str = "cpu", **kwargs) -> None:
-    """Load ``spec`` (anything :func:`ankus.load_model` accepts) and serve it until Ctrl-C."""
+          device: str = "cpu", direction_files: dict[str, str] | None = None, **kwargs) -> None:
+    """Load ``spec`` (anything :func:`ankus.load_model` accepts) and serve it until Ctrl-C;
+    ``direction_files``: name -> direction file, for requests' ``steering``."""
+    from ankus.generation.steering import load_direction
     from ankus.models.loading import load_model
 
     model, tokenizer = load_model(spec, device=device)
+    kwargs["directions"] = {k: load_direction(f, model) for k, f in (direction_files or {}).items()}
     try:
         server = make_server(model, tokenizer, host, port, name=served_name or spec, **kwargs)
     except OSError as e:  # the port is taken, the address is not this machine's...
