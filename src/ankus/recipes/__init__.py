@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from ankus.config import ConfigError, build, read_yaml
 
-__all__ = ["TRAINERS", "RECIPES_DIR", "shipped_recipes", "trainer_module", "resolve_recipe", "run_recipe"]
+__all__ = ["TRAINERS", "COMMANDS", "RECIPES_DIR", "shipped_recipes", "trainer_module", "resolve_recipe", "run_recipe"]
 
 # algorithm name -> trainer module (exposing Config and train), imported lazily
 TRAINERS: dict[str, str] = {
@@ -28,6 +28,12 @@ TRAINERS: dict[str, str] = {
     "qdaif": "ankus.pipelines.qdaif",  # Quality-Diversity through AI Feedback (MAP-Elites over texts)
 }
 
+# algorithm name -> the command that runs such a recipe (audits: not trainers, but recipes all the same)
+COMMANDS: dict[str, str] = {
+    "audit_elicit": "ankus audit elicit --recipe",
+    "audit_directions": "ankus audit directions --recipe",
+}
+
 RECIPES_DIR = Path(__file__).resolve().parent
 """The shipped recipes: ``*.yaml`` beside this module, installed as package data, so a recipe is
 found by name from any directory and without a source checkout."""
@@ -35,6 +41,9 @@ found by name from any directory and without a source checkout."""
 
 def trainer_module(algorithm: str):
     """The trainer module an algorithm name maps to (imported now)."""
+    if algorithm in COMMANDS:
+        raise ConfigError(f"a recipe with algorithm '{algorithm}' is not a training run: run it with "
+                          f"`{COMMANDS[algorithm]} RECIPE [overrides]`")
     if algorithm not in TRAINERS:
         raise ConfigError(f"unknown algorithm '{algorithm}'; known: {', '.join(TRAINERS)}")
     try:
