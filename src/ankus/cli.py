@@ -452,14 +452,19 @@ def cmd_audit_elicit(args) -> int:
     return cli(args)
 
 
+def _add_recipe_audit(audits, name: str, help: str, description: str, example: str, func) -> None:
+    """An audit whose options are a recipe's sections (default ``audit_<name>``) plus dotted overrides."""
+    q = audits.add_parser(name, help=help, description=description)
+    q.add_argument("overrides", nargs="*", help=f"dotted overrides of the recipe, e.g. {example}")
+    q.add_argument("--recipe", default=f"audit_{name}", help="recipe name or YAML path whose sections set the options")
+    q.set_defaults(func=func)
+
+
 def _add_audit_elicit(audits) -> None:
     help = ("prefixes that make the forward LM say a target suffix: reverse-LM beam search and best-of-N "
             "vs GCG vs random, at equal forward-pass budgets")
-    q = audits.add_parser("elicit", help=help, description=help + " (Pfau et al. 2023). Options come from a "
-                          "recipe (default audit_elicit) and dotted overrides, e.g. search.budget=32 targets.n=5.")
-    q.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. targets.n=5")
-    q.add_argument("--recipe", default="audit_elicit", help="recipe whose sections set the options")
-    q.set_defaults(func=cmd_audit_elicit)
+    _add_recipe_audit(audits, "elicit", help, help + " (Pfau et al. 2023). Options come from a recipe (default "
+                      "audit_elicit) and dotted overrides.", "search.budget=32 targets.n=5", cmd_audit_elicit)
 
 
 def _add_audit_memorization(audits) -> None:
@@ -510,14 +515,11 @@ def cmd_steer(args) -> int:
 
 
 def _add_audit_directions(audits) -> None:
-    p = audits.add_parser("directions", help="linear sentiment directions: probe, ablate, patch, steer",
-                          description="Find a sentiment direction by mean difference, k-means, PCA, logistic "
-                                      "regression and DAS; probe, mean-ablate and patch it; steer with it. Writes "
-                                      "probe/ablation/steering CSVs, results.jsonl, directions.png and "
-                                      "directions/*.safetensors into the run directory.")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. layers=[6] alphas=[-8,0,8]")
-    p.add_argument("--recipe", default="audit_directions", help="recipe name or YAML path")
-    p.set_defaults(func=cmd_audit_directions)
+    _add_recipe_audit(audits, "directions", "linear sentiment directions: probe, ablate, patch, steer",
+                      "Find a sentiment direction by mean difference, k-means, PCA, logistic regression and DAS; "
+                      "probe, mean-ablate and patch it; steer with it. Writes probe/ablation/steering CSVs, "
+                      "results.jsonl, directions.png and directions/*.safetensors into the run directory.",
+                      "layers=[6] alphas=[-8,0,8]", cmd_audit_directions)
 
 
 def _add_steer(sub) -> None:

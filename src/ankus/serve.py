@@ -576,6 +576,11 @@ def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, *, served_name: 
     if host not in ("127.0.0.1", "localhost", "::1") and kwargs.get("api_key") is None:
         print("warning: listening beyond this machine with no --api-key: anyone who can reach it can use it",
               file=sys.stderr, flush=True)
+    run_until_interrupted(server)
+
+
+def run_until_interrupted(server) -> None:
+    """Serve until Ctrl-C, then close the socket (``ankus serve``, ``ankus search serve``)."""
     try:
         server.serve_forever()
     except KeyboardInterrupt:

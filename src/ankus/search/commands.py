@@ -64,16 +64,12 @@ def cmd_query(args) -> int:
 def cmd_serve(args) -> int:
     from ankus.search.index import load
     from ankus.search.web import SearchApp, make_server
+    from ankus.serve import run_until_interrupted
 
     server = make_server(SearchApp(load(args.index), width=args.width), args.host, args.port)
     host, port = server.server_address[:2]
     print(f"ankus search: http://{host}:{port}/  (JSON: /api/search?q=...)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    run_until_interrupted(server)
     return 0
 
 
