@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
+from transformers import DynamicCache
 
 from ankus.data.tokens import pad_id, position_ids_from_mask
 from ankus.generation.engine import GenerationConfig, generate, left_pad
@@ -61,13 +62,14 @@ def _forward_kept(model, rows: Sequence[Sequence[int]], pad: int, keep: int, sha
         return model(input_ids=ids.to(device), attention_mask=mask.to(device),
                      position_ids=position_ids_from_mask(mask).to(device), logits_to_keep=keep).logits
     prefix = torch.as_tensor([list(rows[0][:shared])], device=device)  # (1, S)
-    cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)
     cache.batch_select_indices(torch.zeros(len(rows), dtype=torch.long, device=device))
     ids, mask = left_pad([r[shared:] for r in rows], pad)  # (B, T')
     full_mask = torch.cat([torch.ones(len(rows), shared, dtype=torch.long), mask], 1)  # (B, S + T')
     positions = shared + position_ids_from_mask(mask)  # (B, T')
     return model(input_ids=ids.to(device), attention_mask=full_mask.to(device), position_ids=positions.to(device),
-                 past_key_values=cache, use_cache=True, logits_to_keep=keep).logits
+                 cache=cache, use_cache=True, logits_to_keep=keep).logits
 
 
 def row_logprobs(model, rows: Sequence[Sequence[int]], targets: Sequence[Sequence[Sequence[int]]], pad: int

@@ -113,8 +113,13 @@ def run(args) -> int:
 
     opts = _check(args)
     if args.eval_command == "harness":
-        from ankus.evals.harness import run_harness
+        try:
+            from ankus.evals.harness import run_harness
+        except ImportError as e:
+            from ankus.config import ConfigError
 
+            raise ConfigError(f"ankus eval harness needs lm-eval ({e}); install it with: pip install 'ankus[evals]'"
+                              ) from None
         return run_harness(args)
     t0 = time.perf_counter()
     lm = EvalLM.load(args.model, chat_template=args.chat_template, batch_size=args.batch_size)
