@@ -82,6 +82,7 @@ def test_implicature_accuracy_hand_computed(biased):
     table = imp.summarize(rows)
     per_template = [r for r in table if r["template"] != "mean"]
     assert all(r["accuracy"] == 0.5 and r["se"] == pytest.approx(0.25) for r in per_template)
+    assert all(r["prefers_yes"] == 1.0 for r in table)
     mean = [r for r in table if r["template"] == "mean"]
     assert [r["k"] for r in mean] == [0, 1]
     assert mean[0]["accuracy"] == 0.5 and mean[0]["template_std"] == 0.0

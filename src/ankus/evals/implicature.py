@@ -86,23 +86,30 @@ def evaluate(lm: EvalLM, items: Sequence[dict], pool: Sequence[dict], templates:
     return rows
 
 
+def _yes_rate(rows: Sequence[dict]) -> float:
+    """Fraction of rows where "yes" out-scored "no" (1 or 0: the model ignores the answer)."""
+    return sum((r["logp_correct"] > r["logp_flipped"]) == (r["implicature"] == "yes") for r in rows) / len(rows)
+
+
 def summarize(rows: Sequence[dict]) -> list[dict]:
     """Per (k, template): accuracy and its binomial standard error; per k: the mean over
-    templates, the std over templates, and the standard error over items."""
+    templates, the std over templates, and the standard error over items. ``prefers_yes``: how
+    often "yes" wins whatever the answer (near 0 or 1 with accuracy near 0.5: a fixed answer)."""
     table = []
     for k in sorted({r["k"] for r in rows}):
         at_k = [r for r in rows if r["k"] == k]
         accs = []
         for t in sorted({r["template"] for r in at_k}):
-            hits = [r["correct"] for r in at_k if r["template"] == t]
-            acc = sum(hits) / len(hits)
+            at_t = [r for r in at_k if r["template"] == t]
+            acc = sum(r["correct"] for r in at_t) / len(at_t)
             accs.append(acc)
-            table.append({"k": k, "template": str(t), "accuracy": acc, "se": (acc * (1 - acc) / len(hits)) ** 0.5,
-                          "template_std": "", "n": len(hits)})
+            table.append({"k": k, "template": str(t), "accuracy": acc, "se": (acc * (1 - acc) / len(at_t)) ** 0.5,
+                          "template_std": "", "prefers_yes": _yes_rate(at_t), "n": len(at_t)})
         per_item: dict[str, list[int]] = {}
         for r in at_k:
             per_item.setdefault(r["id"], []).append(r["correct"])
         mean, se = mean_se([sum(v) / len(v) for v in per_item.values()])
         table.append({"k": k, "template": "mean", "accuracy": mean, "se": se,
-                      "template_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(per_item)})
+                      "template_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "prefers_yes": _yes_rate(at_k),
+                      "n": len(per_item)})
     return table
