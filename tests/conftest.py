@@ -7,3 +7,4 @@ def default_model():
     from ankus import load_model
 
     return load_model()
+

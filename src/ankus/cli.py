@@ -147,6 +147,10 @@ def cmd_eval(args) -> int:
     if not getattr(args, "eval_command", None):
         args.eval_parser.print_help()
         return 0
+    from ankus.evals.tasks import TASKS, run
+
+    if args.eval_command in TASKS:
+        return run(args)
     try:
         lengths, scalings = lc.parse_lengths(args.lengths), lc.parse_scalings(args.scalings)
         if args.trials < 1 or args.windows < 1:
@@ -333,7 +337,8 @@ def _add_data(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="long-context evaluations over RoPE scalings: passkey, perplexity-by-length")
+    p = sub.add_parser("eval", help="evaluations: passkey, perplexity-by-length (RoPE scalings); implicature, "
+                       "goal-reach, pink-elephants, adherence, harness")
     p.set_defaults(func=cmd_eval, eval_parser=p)
     evals = p.add_subparsers(dest="eval_command", metavar="EVAL")
     for name, help in (("passkey", "passkey retrieval: a 5-digit key hidden in filler text, by context length"),
@@ -359,6 +364,9 @@ def _add_eval(sub) -> None:
             q.add_argument("--heldout", type=float, default=0.0, help="with a corpus directory: only the documents "
                            "pretrain holds out at this data.val_fraction (split seeded by --seed, as trainer.seed)")
             q.set_defaults(trials=1)
+    from ankus.evals.tasks import add_parsers
+
+    add_parsers(evals)
 
 
 def _add_serve(sub) -> None:
