@@ -172,3 +172,26 @@ def test_cli_smoke(argv, tmp_path, capsys):
         assert (out / name).is_file()
     lines = (out / "table.csv").read_text().splitlines()
     assert len(lines) >= 3 and "se" in lines[0]
+
+
+def test_steering_moves_scores_and_generations_alpha_zero_does_not():
+    """A direction steers every forward of an EvalLM: alpha 0 scores and writes exactly as the
+    unsteered model; alpha 8 changes the scores (batched as one by one); another model's direction
+    is refused."""
+    from ankus.generation.steering import Direction, DirectionMismatchError
+    from ankus.models.loading import load_model
+
+    model, tok = load_model("tiny-llama")
+    hidden = model.config.hidden_size
+    d = Direction(torch.randn(hidden, generator=torch.Generator().manual_seed(0)), 1)
+    C, K = ["Is it raining? Look outside. Meaning:"] * 2 + ["Are you hungry? I just ate. Meaning:"], [" yes", " no"] * 1 + [" no"]
+    plain = EvalLM(model, tok)
+    zero, steered = EvalLM(model, tok, direction=d, alpha=0.0), EvalLM(model, tok, direction=d, alpha=8.0, batch_size=1)
+    assert zero.loglikelihood(C, K) == plain.loglikelihood(C, K)
+    assert zero.generate(["Tell me"], max_new_tokens=6) == plain.generate(["Tell me"], max_new_tokens=6)
+    moved = steered.loglikelihood(C, K)
+    assert max(abs(a - b) for a, b in zip(moved, plain.loglikelihood(C, K))) > 1e-3
+    assert EvalLM(model, tok, direction=d, alpha=8.0, batch_size=8).loglikelihood(C, K) == pytest.approx(moved, abs=1e-4)
+    assert plain.loglikelihood(C, K) == plain.loglikelihood(C, K)  # the hook is gone after each call
+    with pytest.raises(DirectionMismatchError):
+        EvalLM(model, tok, direction=Direction(torch.randn(hidden + 1), 1), alpha=1.0)

@@ -39,11 +39,15 @@ class AnkusLM(LM):
 
     def __init__(self, pretrained: str = "smollm2-135m-instruct", chat_template: bool = False, batch_size: int = 16,
                  guidance_scale: float = 1.0, negative_prompt: str | None = None, lm: EvalLM | None = None,
-                 **_ignored) -> None:
+                 direction: str | None = None, alpha: float = 0.0, **_ignored) -> None:
         super().__init__()
         if isinstance(chat_template, str):
             chat_template = chat_template.lower() in ("1", "true", "yes")
         self.lm = lm or EvalLM.load(pretrained, chat_template=bool(chat_template), batch_size=int(batch_size))
+        if direction:  # steering: every loglikelihood and generation runs with alpha x the direction added
+            from ankus.generation.steering import load_direction
+
+            self.lm.direction, self.lm.alpha = load_direction(direction, self.lm.model), float(alpha)
         self.guidance_scale = float(guidance_scale)
         self.negative_prompt = negative_prompt
 
@@ -165,7 +169,7 @@ def run_harness(args) -> int:
     from ankus.evals.common import markdown_table, write_outputs
 
     lm = AnkusLM(args.model, chat_template=args.chat_template, batch_size=args.batch_size,
-                 guidance_scale=args.guidance_scale)
+                 guidance_scale=args.guidance_scale, direction=args.direction, alpha=args.alpha)
     tasks = [t for t in args.tasks.split(",") if t.strip()]
     results = evaluate(lm, tasks, args.include_path, args.limit or None, args.num_fewshot)
     table = results_table(results)

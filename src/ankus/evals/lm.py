@@ -20,6 +20,7 @@ classifier-free guidance when ``guidance_scale != 1``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -28,6 +29,8 @@ from transformers import DynamicCache
 
 from ankus.data.tokens import pad_id, position_ids_from_mask
 from ankus.generation.engine import GenerationConfig, generate, left_pad
+from ankus.generation.hooks import add_direction
+from ankus.generation.steering import Direction, check_direction
 
 __all__ = ["EvalLM", "Prompt", "render_plain", "row_logprobs", "common_prefix"]
 
@@ -103,6 +106,20 @@ class EvalLM:
     chat_template: bool = False
     batch_size: int = 16
     seed: int = 0
+    direction: Direction | None = None
+    """Steering: ``alpha`` times this direction's unit vector is added after its layer in every
+    forward, scores and generations alike (``ankus audit directions`` writes directions)."""
+    alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.direction is not None:
+            check_direction(self.direction, self.model)
+
+    def steered(self) -> contextlib.AbstractContextManager:
+        """The steering hook for the duration of a ``with`` (nothing when unsteered)."""
+        if self.direction is None or self.alpha == 0:
+            return contextlib.nullcontext()
+        return add_direction(self.model, self.direction.layer, self.direction.unit(), self.alpha)
 
     @classmethod
     def load(cls, spec: str, chat_template: bool = False, **kwargs) -> "EvalLM":
@@ -157,8 +174,9 @@ class EvalLM:
         pad = pad_id(self.tokenizer)
         for s in range(0, len(order), self.batch_size):
             chunk = order[s:s + self.batch_size]
-            results = row_logprobs(self.model, [list(r) for r in chunk],
-                                   [[requests[i][1] for i in rows[r]] for r in chunk], pad)
+            with self.steered():
+                results = row_logprobs(self.model, [list(r) for r in chunk],
+                                       [[requests[i][1] for i in rows[r]] for r in chunk], pad)
             for r, per_row in zip(chunk, results):
                 for i, (lps, greedy) in zip(rows[r], per_row):
                     out[i] = (float(sum(lps)), bool(all(greedy)))
@@ -195,9 +213,11 @@ class EvalLM:
         if not prompts:
             return []
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                  guidance_scale=guidance_scale, stop_strings=list(stop), chat_template=False)
+                                  guidance_scale=guidance_scale, stop_strings=list(stop), chat_template=False,
+                                  cuda_graph=self.direction is None or self.alpha == 0)  # a hook needs eager steps
         ids = [self.encode(p) for p in prompts]
         neg = [self.encode(p) for p in negative_prompts] if negative_prompts is not None else None
-        out = generate(self.model, self.tokenizer, ids, config, negative_prompts=neg,
-                       generator=torch.Generator().manual_seed(self.seed), batch_size=self.batch_size)
+        with self.steered():
+            out = generate(self.model, self.tokenizer, ids, config, negative_prompts=neg,
+                           generator=torch.Generator().manual_seed(self.seed), batch_size=self.batch_size)
         return [t.strip() for t in out.texts]

@@ -48,6 +48,8 @@ def add_parsers(evals) -> None:
             q.add_argument("--tasks", default="ankus_implicature", help="harness task names (comma-separated)")
             q.add_argument("--include-path", help="more task YAMLs (default: ankus' own, offline)")
             q.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale for generate_until")
+            q.add_argument("--direction", help="steer with this direction file (ankus audit directions writes them)")
+            q.add_argument("--alpha", type=float, default=0.0, help="steering strength with --direction")
             q.add_argument("--num-fewshot", type=int, default=0)
 
 
