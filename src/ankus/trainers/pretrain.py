@@ -401,9 +401,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                             scheduler=sched, generators=rngs, extra=extra, keep_last=tc.keep_last)
 
     def snapshot(step: int) -> None:
-        if step in cfg.method.snapshot_steps:
-            plain = distributed.unsharded_copy(model) if sharded else model
-            distributed.on_main(save_hf_model, plain, tok, snapshot_dir(run_dir, step))
+        if step in cfg.method.snapshot_steps:  # unsharded_copy: the model itself unless sharded (a collective)
+            distributed.on_main(save_hf_model, distributed.unsharded_copy(model), tok, snapshot_dir(run_dir, step))
 
     def validate() -> dict[str, float]:
         return _val_metrics({k: on_main_or_all(evaluate, model, *v, cfg, tc.batch_size) for k, v in vals.items()})
