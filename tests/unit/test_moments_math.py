@@ -42,6 +42,8 @@ def test_kl_by_hand_and_model_ngram_kl():
     np.testing.assert_allclose(kl_b.numpy(), want, rtol=1e-10)
     _, kl_b2 = mm.model_ngram_kl(torch.from_numpy(np.log(b)), prev, uni, counts, 1.0)
     np.testing.assert_allclose(kl_b2.numpy(), 0.0, atol=1e-12)
+    with pytest.raises(ValueError, match="k must be > 0"):
+        mm.model_ngram_kl(padded, prev, uni, counts, 0.0)
 
 
 def test_ngram_samplers_follow_their_models():

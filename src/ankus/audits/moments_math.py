@@ -72,12 +72,25 @@ def model_ngram_kl(logits: torch.Tensor, prev: np.ndarray, unigram: np.ndarray, 
                    k: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(KL(model || unigram) (M,), KL(model || bigram(. | prev)) (M,))`` for next-token ``logits (M, V)``
     given the previous tokens ``prev (M,)`` (the model's vocabulary may be padded past V: extra
-    columns are dropped and the model renormalised over the n-gram vocabulary)."""
+    columns are dropped and the model renormalised over the n-gram vocabulary).
+
+    Never builds the dense bigram rows: with ``p`` summing to 1,
+    ``sum_w p(w) log b(w | v) = log k + sum_{w: C[v,w] > 0} p(w) log(1 + C[v,w] / k) - log(C[v,.] + kV)``,
+    a sum over the row's nonzero counts. Needs k > 0 (else the KL is infinite)."""
+    if k <= 0:
+        raise ValueError("model_ngram_kl: the add-k smoothing k must be > 0 (a model puts mass on unseen bigrams)")
     vocab = len(unigram)
     logp = torch.log_softmax(logits[:, :vocab].double(), dim=-1)  # (M, V)
-    logu = torch.from_numpy(np.log(unigram))[None, :]  # (1, V)
-    logb = torch.from_numpy(np.log(bigram_probs(counts, prev, k, unigram)))  # (M, V)
-    return kl_rows(logp, logu.expand_as(logp)), kl_rows(logp, logb)
+    p = logp.exp()
+    neg_entropy = (p * logp).sum(-1)  # (M,)
+    cross_u = p @ torch.from_numpy(np.log(unigram))  # (M,)
+    prev = np.asarray(prev, dtype=np.int64)
+    rows = counts[prev]  # (M, V) sparse
+    rows.data = np.log1p(rows.data / k)
+    seen = np.asarray(rows.multiply(p.numpy()).sum(axis=1)).ravel()  # (M,)
+    totals = np.asarray(counts.sum(axis=1)).ravel()[prev]  # (M,)
+    cross_b = torch.from_numpy(np.log(k) + seen - np.log(totals + k * vocab))  # (M,)
+    return neg_entropy - cross_u, neg_entropy - cross_b
 
 
 def sample_unigram(probs: np.ndarray, n: int, length: int, rng: np.random.Generator) -> np.ndarray:
