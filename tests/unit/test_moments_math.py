@@ -36,12 +36,12 @@ def test_kl_by_hand_and_model_ngram_kl():
     logits = torch.from_numpy(np.log(np.stack([uni, uni])))
     padded = torch.cat([logits, torch.full((2, 2), -1e9, dtype=torch.float64)], dim=1)  # a padded vocabulary
     kl_u, kl_b = mm.model_ngram_kl(padded, prev, uni, counts, 1.0)
-    np.testing.assert_allclose(kl_u.numpy(), 0.0, atol=1e-12)
+    np.testing.assert_allclose(kl_u.numpy(), 0.0, atol=1e-6)
     b = mm.bigram_probs(counts, prev, 1.0)
     want = (uni[None] * (np.log(uni[None]) - np.log(b))).sum(1)
-    np.testing.assert_allclose(kl_b.numpy(), want, rtol=1e-10)
+    np.testing.assert_allclose(kl_b.numpy(), want, rtol=1e-5)
     _, kl_b2 = mm.model_ngram_kl(torch.from_numpy(np.log(b)), prev, uni, counts, 1.0)
-    np.testing.assert_allclose(kl_b2.numpy(), 0.0, atol=1e-12)
+    np.testing.assert_allclose(kl_b2.numpy(), 0.0, atol=1e-6)
     with pytest.raises(ValueError, match="k must be > 0"):
         mm.model_ngram_kl(padded, prev, uni, counts, 0.0)
 

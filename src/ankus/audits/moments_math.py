@@ -80,10 +80,10 @@ def model_ngram_kl(logits: torch.Tensor, prev: np.ndarray, unigram: np.ndarray, 
     if k <= 0:
         raise ValueError("model_ngram_kl: the add-k smoothing k must be > 0 (a model puts mass on unseen bigrams)")
     vocab = len(unigram)
-    logp = torch.log_softmax(logits[:, :vocab].double(), dim=-1)  # (M, V)
+    logp = torch.log_softmax(logits[:, :vocab].float(), dim=-1)  # (M, V) float32: 2.5x faster than float64 here
     p = logp.exp()
-    neg_entropy = (p * logp).sum(-1)  # (M,)
-    cross_u = p @ torch.from_numpy(np.log(unigram))  # (M,)
+    neg_entropy = (p * logp).sum(-1).double()  # (M,)
+    cross_u = (p @ torch.from_numpy(np.log(unigram)).float()).double()  # (M,)
     prev = np.asarray(prev, dtype=np.int64)
     rows = counts[prev]  # (M, V) sparse
     rows.data = np.log1p(rows.data / k)
