@@ -35,13 +35,21 @@ def test_kl_by_hand_and_model_ngram_kl():
     prev = np.array([1, 0])
     logits = torch.from_numpy(np.log(np.stack([uni, uni])))
     padded = torch.cat([logits, torch.full((2, 2), -1e9, dtype=torch.float64)], dim=1)  # a padded vocabulary
-    kl_u, kl_b = mm.model_ngram_kl(padded, prev, uni, counts, 1.0)
+    kl_u, kl_b, kl_bu = mm.model_ngram_kl(padded, prev, uni, counts, 1.0)
     np.testing.assert_allclose(kl_u.numpy(), 0.0, atol=1e-6)
     b = mm.bigram_probs(counts, prev, 1.0)
     want = (uni[None] * (np.log(uni[None]) - np.log(b))).sum(1)
     np.testing.assert_allclose(kl_b.numpy(), want, rtol=1e-5)
-    _, kl_b2 = mm.model_ngram_kl(torch.from_numpy(np.log(b)), prev, uni, counts, 1.0)
+    _, kl_b2, _ = mm.model_ngram_kl(torch.from_numpy(np.log(b)), prev, uni, counts, 1.0)
     np.testing.assert_allclose(kl_b2.numpy(), 0.0, atol=1e-6)
+    # smoothing toward the unigram: pseudo-counts k V u(w); row 1 = [0, 1, 1] + 3 u, row 0 = [0, 2, 0] + 3 u
+    bu = mm.bigram_probs(counts, prev, 1.0, toward=uni)
+    np.testing.assert_allclose(bu[0], (np.array([0, 1, 1]) + 3 * uni) / (2 + 3))
+    np.testing.assert_allclose(bu[1], (np.array([0, 2, 0]) + 3 * uni) / (2 + 3))
+    want_u = (uni[None] * (np.log(uni[None]) - np.log(bu))).sum(1)
+    np.testing.assert_allclose(kl_bu.numpy(), want_u, rtol=1e-5)
+    _, _, kl_bu2 = mm.model_ngram_kl(torch.from_numpy(np.log(bu)), prev, uni, counts, 1.0)
+    np.testing.assert_allclose(kl_bu2.numpy(), 0.0, atol=1e-6)
     with pytest.raises(ValueError, match="k must be > 0"):
         mm.model_ngram_kl(padded, prev, uni, counts, 0.0)
 

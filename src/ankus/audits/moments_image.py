@@ -176,6 +176,7 @@ def plot_image(rows: list[dict], path: str | Path, title: str = "") -> Path:
         ax.plot(steps, [r[key] for r in rows], marker="o", markersize=3, label=key)
     ax.axhline(0.1, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(left=0)
     ax.set_xlabel("step")
     ax.set_ylabel("fraction")
     ax.set_title(f"digits {title}: real, max-entropy, Gaussian and OT-edited samples")

@@ -49,11 +49,14 @@ def bigram_counts(tokens: np.ndarray, vocab: int) -> sp.csr_matrix:
     return sp.csr_matrix((ones, (t[:-1], t[1:])), shape=(vocab, vocab))  # duplicates are summed
 
 
-def bigram_probs(counts: sp.csr_matrix, prev: np.ndarray, k: float, fallback: np.ndarray | None = None) -> np.ndarray:
+def bigram_probs(counts: sp.csr_matrix, prev: np.ndarray, k: float, fallback: np.ndarray | None = None,
+                 toward: np.ndarray | None = None) -> np.ndarray:
     """``(M, V)`` add-k rows ``b(. | prev[i])`` for ``prev (M,)``. A row with no counts and k = 0
-    is ``fallback (V,)`` (the unigram, say); without one it is uniform."""
+    is ``fallback (V,)`` (the unigram, say); without one it is uniform. ``toward (V,)``: the
+    pseudo-counts are ``k V toward(w)`` instead of ``k`` (smoothing toward the unigram, say)."""
     vocab = counts.shape[1]
-    rows = counts[np.asarray(prev, dtype=np.int64)].toarray() + k  # (M, V)
+    pseudo = k if toward is None else k * vocab * np.asarray(toward)[None, :]
+    rows = counts[np.asarray(prev, dtype=np.int64)].toarray() + pseudo  # (M, V)
     sums = rows.sum(axis=1, keepdims=True)  # (M, 1)
     empty = sums[:, 0] <= 0
     if empty.any():
@@ -69,14 +72,17 @@ def kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 
 def model_ngram_kl(logits: torch.Tensor, prev: np.ndarray, unigram: np.ndarray, counts: sp.csr_matrix,
-                   k: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(KL(model || unigram) (M,), KL(model || bigram(. | prev)) (M,))`` for next-token ``logits (M, V)``
-    given the previous tokens ``prev (M,)`` (the model's vocabulary may be padded past V: extra
-    columns are dropped and the model renormalised over the n-gram vocabulary).
+                   k: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(KL(model || unigram), KL(model || bigram(. | prev)), KL(model || bigram toward the unigram))``,
+    each ``(M,)``, for next-token ``logits (M, V)`` given the previous tokens ``prev (M,)`` (the
+    model's vocabulary may be padded past V: extra columns are dropped and the model renormalised).
+    The first bigram is add-k (``bigram_probs(counts, prev, k)``), the second adds ``k V u(w)``
+    pseudo-counts instead (``toward=unigram``): a rare context then falls back on the unigram,
+    not on the uniform distribution.
 
-    Never builds the dense bigram rows: with ``p`` summing to 1,
-    ``sum_w p(w) log b(w | v) = log k + sum_{w: C[v,w] > 0} p(w) log(1 + C[v,w] / k) - log(C[v,.] + kV)``,
-    a sum over the row's nonzero counts. Needs k > 0 (else the KL is infinite)."""
+    Never builds dense bigram rows: with ``p`` summing to 1 and pseudo-counts ``a(w)``,
+    ``sum_w p(w) log b(w | v) = sum_w p(w) log a(w) + sum_{w: C[v,w] > 0} p(w) log(1 + C[v,w] / a(w))
+    - log(C[v,.] + sum_w a(w))``, a sum over the row's nonzero counts. Needs k > 0."""
     if k <= 0:
         raise ValueError("model_ngram_kl: the add-k smoothing k must be > 0 (a model puts mass on unseen bigrams)")
     vocab = len(unigram)
@@ -85,12 +91,18 @@ def model_ngram_kl(logits: torch.Tensor, prev: np.ndarray, unigram: np.ndarray, 
     neg_entropy = (p * logp).sum(-1).double()  # (M,)
     cross_u = (p @ torch.from_numpy(np.log(unigram)).float()).double()  # (M,)
     prev = np.asarray(prev, dtype=np.int64)
-    rows = counts[prev]  # (M, V) sparse
-    rows.data = np.log1p(rows.data / k)
-    seen = np.asarray(rows.multiply(p.numpy()).sum(axis=1)).ravel()  # (M,)
-    totals = np.asarray(counts.sum(axis=1)).ravel()[prev]  # (M,)
-    cross_b = torch.from_numpy(np.log(k) + seen - np.log(totals + k * vocab))  # (M,)
-    return neg_entropy - cross_u, neg_entropy - cross_b
+    rows = counts[prev].tocoo()  # (M, V) sparse
+    pn = p.numpy()
+    pv = pn[rows.row, rows.col].astype(np.float64)  # (nnz,) the model's probabilities of seen bigrams
+    totals = np.asarray(counts.sum(axis=1)).ravel()[prev] + k * vocab  # (M,)
+
+    def cross(pseudo: np.ndarray) -> torch.Tensor:  # sum_w p(w) log b(w | v) given sum_w p(w) log a(w)
+        seen = np.bincount(rows.row, weights=pv * np.log1p(rows.data / pseudo), minlength=len(prev))  # (M,)
+        return torch.from_numpy(seen - np.log(totals))
+
+    cross_b = cross(np.full(len(rows.data), k)) + np.log(k)
+    cross_bu = cross(k * vocab * unigram[rows.col]) + np.log(k * vocab) + cross_u
+    return neg_entropy - cross_u, neg_entropy - cross_b, neg_entropy - cross_bu
 
 
 def sample_unigram(probs: np.ndarray, n: int, length: int, rng: np.random.Generator) -> np.ndarray:
