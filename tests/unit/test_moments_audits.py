@@ -57,6 +57,8 @@ def test_moments_lm_named_errors(tiny_run, tmp_path, capsys):
         run_moments_lm(MomentsLMConfig(run_dir=str(run), corpus=str(corpus), out=str(tmp_path / "o"), length=100000))
     assert main(["audit", "moments", "lm", str(tmp_path), "--corpus", str(corpus), "--out", str(tmp_path / "o")]) == 2
     assert "no snapshots in" in capsys.readouterr().err
+    assert main(["audit", "moments", "lm", str(run), "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--k", "0"]) == 2
+    assert "--k > 0" in capsys.readouterr().err
 
 
 def test_moments_image_smoke_and_bad_settings(tmp_path, capsys):

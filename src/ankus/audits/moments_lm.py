@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ankus.audits import moments_math as mm
-from ankus.config import read_yaml, save_yaml
+from ankus.config import ConfigError, read_yaml, save_yaml
 from ankus.data.corpus import load_corpus
 from ankus.data.io import DataError
 
@@ -136,6 +136,9 @@ def run_moments_lm(cfg: MomentsLMConfig) -> list[dict]:
 
     if not cfg.out:
         raise DataError("moments lm: give --out DIR for the table and the plot")
+    if cfg.k <= 0 or cfg.sample_k < 0 or cfg.length < 2 or cfg.n_seqs < 1:
+        raise ConfigError(f"moments lm: need --k > 0 (the KL to an unsmoothed n-gram is infinite), --sample-k >= 0, "
+                          f"--length >= 2 and --n-seqs >= 1; got {cfg.k}, {cfg.sample_k}, {cfg.length}, {cfg.n_seqs}")
     snaps = find_snapshots(cfg.run_dir)
     train, text, corpus = split_tokens(cfg)
     rows: list[dict] = []
