@@ -444,7 +444,7 @@ def _add_audit(sub) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
     audits = p.add_subparsers(dest="audit_command", metavar="AUDIT")
     # one _add_audit_<name>(audits) per audit; each adds its parser and sets func
-    for add in (_add_audit_elicit, _add_audit_memorization, _add_audit_directions):
+    for add in (_add_audit_elicit, _add_audit_memorization, _add_audit_directions, _add_audit_moments):
         add(audits)
 
 
@@ -545,6 +545,46 @@ def _add_steer(sub) -> None:
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_steer)
+
+
+def cmd_audit_moments_lm(args) -> int:
+    from ankus.audits.moments_lm import cmd_moments_lm
+
+    return cmd_moments_lm(args)
+
+
+def cmd_audit_moments_image(args) -> int:
+    from ankus.audits.moments_image import cmd_moments_image
+
+    return cmd_moments_image(args)
+
+
+def _add_audit_moments(audits) -> None:
+    p = audits.add_parser("moments", help="statistics of increasing order (Belrose et al. 2024): lm | image",
+                          description="Do networks learn low-order statistics first? lm: n-gram KL and losses across "
+                                      "pretraining snapshots; image: digits classifiers on max-entropy, Gaussian and "
+                                      "OT-edited samples across training.")
+    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
+    kinds = p.add_subparsers(dest="moments_command", metavar="KIND")
+    lm = kinds.add_parser("lm", help="KL to unigram/bigram and loss on n-gram samples, per pretraining snapshot")
+    lm.add_argument("run_dir", help="a pretrain run directory with snapshots/step-N/ (recipe pretrain_moments)")
+    lm.add_argument("--corpus", required=True, help="the `ankus data corpus` directory the run trained on")
+    lm.add_argument("--out", required=True, help="directory for table.csv, rows.jsonl and moments_lm.png")
+    lm.add_argument("--n-seqs", dest="n_seqs", type=int, default=32, help="sequences of each kind (default 32)")
+    lm.add_argument("--length", type=int, default=128, help="tokens per sequence (default 128)")
+    lm.add_argument("--k", type=float, default=0.1, help="add-k smoothing of the n-grams the KL is taken to")
+    lm.add_argument("--sample-k", dest="sample_k", type=float, default=0.0,
+                    help="add-k smoothing of the n-grams sampled from (default 0: empirical)")
+    lm.add_argument("--seed", type=int, default=0)
+    lm.set_defaults(func=cmd_audit_moments_lm)
+    im = kinds.add_parser("image", help="digits MLP/CNN checkpoints on max-entropy, Gaussian and OT-edited samples")
+    im.add_argument("--out", required=True, help="directory for table.csv, rows.jsonl and moments_image.png")
+    im.add_argument("--arch", choices=["mlp", "cnn"], default="mlp")
+    im.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
+    im.add_argument("--checkpoints", type=int, default=12, help="checkpoints, log-spaced over the steps (default 12)")
+    im.add_argument("--samples", type=int, default=200, help="synthetic samples per class (default 200)")
+    im.add_argument("--seed", type=int, default=0)
+    im.set_defaults(func=cmd_audit_moments_image)
 
 
 def _add_demo(sub) -> None:

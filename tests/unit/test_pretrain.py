@@ -240,3 +240,27 @@ def test_too_small_corpus_and_tokenizer_mismatch_are_named_errors(tmp_path, corp
     with pytest.raises(ConfigError, match="method.head_dtype=bfloat16 applies to the fused loss only"):
         run_recipe("pretrain_tiny", [f"data.corpus={corpus_dir}", "method.loss_chunk=0", "method.head_dtype=bfloat16",
                                      "run.name=d", *common])
+
+
+def test_snapshots_are_hf_models_at_the_asked_steps(tmp_path, corpus_dir):
+    from safetensors.torch import load_file
+
+    from ankus import load_model
+    from ankus.config import ConfigError
+
+    out = run_recipe("pretrain_tiny", [f"data.corpus={corpus_dir}", f"run.out_dir={tmp_path}", "run.progress=false",
+                                       "method.snapshot_steps=[0,2,4]"])
+    snaps = Path(out["run_dir"]) / "snapshots"
+    assert sorted(p.name for p in snaps.iterdir()) == ["step-0", "step-2", "step-4"]
+    init, _ = load_model("tiny-llama")
+    first = load_file(str(snaps / "step-0" / "model.safetensors"))
+    assert all(torch.equal(first[k], v) for k, v in init.state_dict().items() if k in first)
+    last = load_file(str(snaps / "step-4" / "model.safetensors"))
+    final = load_file(str(Path(out["run_dir"]) / "model" / "model.safetensors"))
+    assert all(torch.equal(last[k], final[k]) for k in final)
+    mid = load_file(str(snaps / "step-2" / "model.safetensors"))
+    assert not torch.equal(mid["model.embed_tokens.weight"], last["model.embed_tokens.weight"])
+    assert (snaps / "step-2" / "tokenizer.json").exists()
+    with pytest.raises(ConfigError, match="method.snapshot_steps"):
+        run_recipe("pretrain_tiny", [f"data.corpus={corpus_dir}", f"run.out_dir={tmp_path}", "run.name=bad",
+                                     "method.snapshot_steps=[5]"])

@@ -28,6 +28,10 @@ model; the saved ``model/`` is a plain transformers model with the adapters merg
 
 Context extension: the ``rope:`` section scales the loaded model's RoPE (:func:`ankus.models.rope.apply_rope_config`)
 before training at the longer ``data.seq_length``; recipe ``pretrain_extend`` (YaRN, s = 4).
+
+Snapshots: ``method.snapshot_steps`` saves the model in Hugging Face format after those steps to
+``<run>/snapshots/step-N/`` (step 0 = the initialization), atomically; recipe ``pretrain_moments``
+and ``ankus audit moments lm`` read them.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from ankus.optim import make_optimizer
 from ankus.runs import MetricsLogger, create_run_dir, plot_metrics, save_hf_model, truncate_metrics
 
 __all__ = ["PretrainData", "PretrainMethod", "Config", "train", "split_documents", "epoch_stream", "make_rows",
-           "epoch_rows", "batch_loss", "evaluate", "check_tokenizer"]
+           "epoch_rows", "batch_loss", "evaluate", "check_tokenizer", "snapshot_dir"]
 
 
 @dataclass
@@ -88,6 +92,9 @@ class PretrainMethod:
     and GPUs with bf16 units (fp32 softmax and sums; weights stay model.dtype). Needs loss_chunk > 0."""
     fused_adamw: bool = True
     """AdamW updating every tensor in one kernel (not under FSDP)."""
+    snapshot_steps: list[int] = field(default_factory=list)
+    """Steps after which the model is saved in Hugging Face format to <run>/snapshots/step-N/ (0 = the
+    initialization), for audits across training (`ankus audit moments lm`)."""
 
 
 @dataclass
@@ -331,7 +338,16 @@ def _check_config(cfg: Config, sharded: bool, chunk: int) -> torch.dtype:
                           f"{'FSDP does not use' if sharded else 'method.loss_chunk=0 turns off'}; set "
                           "method.head_dtype=float32")
     check_relora(cfg.relora, cfg.trainer, "pretrain")
+    bad = [s for s in cfg.method.snapshot_steps if not isinstance(s, int) or not 0 <= s <= cfg.trainer.total_steps]
+    if bad:
+        raise ConfigError(f"pretrain: method.snapshot_steps {bad} are not steps of this run; give integers from 0 "
+                          f"(the initialization) to trainer.total_steps={cfg.trainer.total_steps}")
     return getattr(torch, cfg.method.head_dtype)
+
+
+def snapshot_dir(run_dir: str | Path, step: int) -> Path:
+    """Where ``method.snapshot_steps`` puts the model after ``step`` steps."""
+    return Path(run_dir) / "snapshots" / f"step-{step}"
 
 
 def _setup_model(cfg: Config, device, sharded: bool):
@@ -384,6 +400,10 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         distributed.on_main(save_checkpoint, run_dir, step, modules={"model": model_view}, optimizer=opt_view,
                             scheduler=sched, generators=rngs, extra=extra, keep_last=tc.keep_last)
 
+    def snapshot(step: int) -> None:
+        if step in cfg.method.snapshot_steps:  # unsharded_copy: the model itself unless sharded (a collective)
+            distributed.on_main(save_hf_model, distributed.unsharded_copy(model), tok, snapshot_dir(run_dir, step))
+
     def validate() -> dict[str, float]:
         return _val_metrics({k: on_main_or_all(evaluate, model, *v, cfg, tc.batch_size) for k, v in vals.items()})
 
@@ -395,6 +415,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     stopped = False
     bar = tqdm(range(start, tc.total_steps), desc="pretrain", disable=not cfg.run.progress or not ds.is_main,
                initial=start, total=tc.total_steps)
+    if start == 0:
+        snapshot(0)
     with GracefulExit() as stop:
         for step in bar:
             # step -> (epoch, batch): a function of (seed, epoch) only, so a resumed run sees the same rows
@@ -419,6 +441,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             if done % tc.log_every == 0 or evaluated or done == tc.total_steps:  # a validation is always logged
                 logger.log(done, metrics)
             bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
+            snapshot(done)
             if stop.after_step(done, tc.total_steps, tc.checkpoint_every, checkpoint, "pretrain"):
                 stopped = True
                 break
