@@ -242,3 +242,29 @@ def test_grpo_several_epochs_keep_the_separate_behaviour_forward(tmp_path, monke
         return {k: v for k, v in row.items() if not k.startswith(("time/", "perf/tokens"))}
 
     assert [untimed(r) for r in metrics[0]] == [untimed(r) for r in metrics[1]]
+
+
+def test_rollout_bf16_samples_in_bf16_scores_and_evaluates_in_fp32(tmp_path, monkeypatch):
+    """method.rollout_bf16: the rollouts' generate calls ask for bf16 linears, the held-out
+    evaluation's do not; the behaviour log-probs still come from the fp32 scoring forward (the
+    first update's ratio is 1 up to rounding), and training moves the parameters."""
+    from ankus.rl import heldout, rollouts
+
+    seen = {"rollouts": [], "heldout": []}
+    for mod, key in ((rollouts, "rollouts"), (heldout, "heldout")):
+        real = mod.generate
+
+        def spy(model, tok, prompts, config, *a, _real=real, _key=key, **k):
+            seen[_key].append(config.bf16)
+            return _real(model, tok, prompts, config, *a, **k)
+
+        monkeypatch.setattr(mod, "generate", spy)
+    before, _ = load_model("tiny-llama")
+    recipe = _recipe(tmp_path, method={"rollout_bf16": True, "reference": "copy"}, trainer={"batch_size": 8})
+    ankus.train(recipe, reward_fn=length_reward)  # one minibatch: the update sees the behaviour policy itself
+    assert seen["rollouts"] and all(seen["rollouts"]), seen
+    assert seen["heldout"] and not any(seen["heldout"]), seen
+    rows = read_metrics(tmp_path / "r")
+    assert abs(rows[0]["policy/ratio_mean"] - 1.0) < 1e-5
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "model")
+    assert any(not torch.equal(p, before.state_dict()[n]) for n, p in after.named_parameters())
