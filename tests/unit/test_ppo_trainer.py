@@ -268,3 +268,18 @@ def test_rollout_bf16_samples_in_bf16_scores_and_evaluates_in_fp32(tmp_path, mon
     assert abs(rows[0]["policy/ratio_mean"] - 1.0) < 1e-5
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "model")
     assert any(not torch.equal(p, before.state_dict()[n]) for n, p in after.named_parameters())
+
+
+def test_rollout_bf16_falls_back_to_fp32_with_a_warning_where_bf16_cannot_run(monkeypatch, caplog):
+    from ankus.generation import onednn
+    from ankus.generation.engine import GenerationConfig
+    from ankus.rl.rollouts import rollout_config
+
+    model, _ = load_model("tiny-llama")
+    cfg = GenerationConfig(max_new_tokens=4)
+    assert rollout_config(model, cfg, bf16=False) is cfg
+    assert rollout_config(model, cfg, bf16=True).bf16 is True  # this CPU runs oneDNN's packed linears
+    monkeypatch.setattr(onednn, "probe", lambda: (False, "no oneDNN here"))
+    with caplog.at_level("WARNING", logger="ankus.rl"):
+        assert rollout_config(model, cfg, bf16=True) is cfg
+    assert "sampled in fp32" in caplog.text and "no oneDNN here" in caplog.text

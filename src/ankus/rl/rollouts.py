@@ -9,6 +9,7 @@ so a PPO minibatch is a ``Rollouts`` too.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -19,15 +20,18 @@ from torch import Tensor
 from ankus import distributed
 from ankus.data.tokens import pad_id, position_ids_from_mask
 from ankus.generation.engine import GenerationConfig, GenerationOutput, concat_outputs, generate
+from ankus.generation.onednn import linear_path
 from ankus.generation.packing import release_packed
 from ankus.losses.ppo import head_logprobs, logprobs_from_logits, rows_per_chunk, token_entropy
 from ankus.models.heads import output_head_bypassed
 from ankus.models.prefix import head_is_plain, shared_prompt_hidden, shared_prompt_states
 from ankus.rewards import RewardError, check_rewards
 
+logger = logging.getLogger("ankus.rl")
+
 __all__ = ["Rollouts", "Scored", "policy_forward", "shared_forward", "response_logprobs", "score_rollouts",
-           "scored_rollouts", "generate_rollouts", "call_reward", "call_reward_here_or_on_main", "rewards_everywhere",
-           "scores_tensor", "scalar", "has_dropout", "update_forward", "shares_prompts",
+           "scored_rollouts", "rollout_config", "generate_rollouts", "call_reward", "call_reward_here_or_on_main",
+           "rewards_everywhere", "scores_tensor", "scalar", "has_dropout", "update_forward", "shares_prompts",
            "behaviour_from_update"]
 
 
@@ -258,6 +262,19 @@ def has_dropout(model) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # sampling and rewards
+
+
+def rollout_config(policy, gen_cfg: GenerationConfig, bf16: bool) -> GenerationConfig:
+    """``gen_cfg`` with bf16 packed linears when ``bf16`` asks for them and this machine runs them
+    (CPU oneDNN); otherwise unchanged, with a warning saying why sampling stays in fp32."""
+    if not bf16 or gen_cfg.bf16:
+        return gen_cfg
+    try:
+        linear_path(policy, gen_cfg.packed_linears, bf16=True)
+    except ValueError as e:
+        logger.warning("method.rollout_bf16: rollouts are sampled in fp32 here (%s)", e)
+        return gen_cfg
+    return dataclasses.replace(gen_cfg, bf16=True)
 
 
 def generate_rollouts(policy, tok, prompts: list[str], gen_cfg: GenerationConfig, chunk_size: int,

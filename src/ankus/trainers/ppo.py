@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple
 
@@ -53,8 +53,8 @@ from ankus.rl.estimators import grpo_advantages, rloo_advantages, sequence_to_to
 from ankus.rl.gae import gae_advantages
 from ankus.rl.kl import kl_controller, kl_loss, kl_penalised_scores, per_token_rewards, response_kl
 from ankus.rl.heldout import evaluate, train_and_eval_prompts, write_eval
-from ankus.rl.rollouts import (Rollouts, behaviour_from_update, generate_rollouts, rewards_everywhere, scored_rollouts,
-                               shares_prompts, update_forward)
+from ankus.rl.rollouts import (Rollouts, behaviour_from_update, generate_rollouts, rewards_everywhere, rollout_config,
+                               scored_rollouts, shares_prompts, update_forward)
 from ankus.rl.stats import RunningMoments, masked_mean, masked_whiten, scale_scores
 from ankus.runs import MetricsLogger, create_run_dir, plot_metrics, save_hf_model, truncate_metrics
 
@@ -359,7 +359,7 @@ def _collect(nets: Nets, tok, reward_fn, cfg: Config, prompts: list[str], gen, i
     t0 = time.perf_counter()
     nets.policy.eval()
     with torch.no_grad(), distributed.full_params(nets.policy):
-        gen_cfg = replace(cfg.generation, bf16=cfg.generation.bf16 or m.rollout_bf16)
+        gen_cfg = rollout_config(nets.policy, cfg.generation, m.rollout_bf16)
         out = generate_rollouts(nets.policy, tok, prompts, gen_cfg, m.chunk_size, gen)
     t_gen = time.perf_counter() - t0
     raw, error = rewards_everywhere(reward_fn, prompts, out.texts, it, cfg.reward.on_main)
