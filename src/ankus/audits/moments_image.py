@@ -22,8 +22,6 @@ falls as it uses higher-order structure. Outputs in ``--out``: ``table.csv``, ``
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,7 +30,8 @@ import numpy as np
 import torch
 
 from ankus.audits import moments_math as mm
-from ankus.config import ConfigError, save_yaml
+from ankus.audits.tables import write_rows
+from ankus.config import ConfigError
 
 __all__ = ["MomentsImageConfig", "load_digits_split", "make_net", "checkpoint_steps", "synthetic_sets",
            "score", "run_moments_image", "plot_image", "cmd_moments_image"]
@@ -147,20 +146,9 @@ def run_moments_image(cfg: MomentsImageConfig) -> list[dict]:
         if step in marks:
             rows.append({"step": step, **score(net.eval(), x_test, y_test, sets)})
             print("[moments image] " + "  ".join(f"{k}={v:.4g}" for k, v in rows[-1].items()), flush=True)
-    _write(cfg, rows)
-    return rows
-
-
-def _write(cfg: MomentsImageConfig, rows: list[dict]) -> None:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "config.yaml")
-    with open(out / "table.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
-    (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = write_rows(cfg.out, cfg, rows, COLUMNS, decimals=4)
     plot_image(rows, out / "moments_image.png", cfg.arch)
+    return rows
 
 
 def plot_image(rows: list[dict], path: str | Path, title: str = "") -> Path:

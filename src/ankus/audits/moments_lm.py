@@ -20,8 +20,6 @@ lack. Outputs in ``--out``: ``table.csv``, ``rows.jsonl``, ``moments_lm.png`` (x
 
 from __future__ import annotations
 
-import csv
-import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +28,8 @@ import numpy as np
 import torch
 
 from ankus.audits import moments_math as mm
-from ankus.config import ConfigError, read_yaml, save_yaml
+from ankus.audits.tables import write_rows
+from ankus.config import ConfigError, read_yaml
 from ankus.data.corpus import load_corpus
 from ankus.data.io import DataError
 
@@ -157,20 +156,9 @@ def run_moments_lm(cfg: MomentsLMConfig) -> list[dict]:
                     "ref_bigram": mm.ngram_nll(bi_seqs, sampler, stats[1], cfg.sample_k)}
         rows.append({**snapshot_row(model, step, text, uni_seqs, bi_seqs, stats, cfg), **refs})
         print("[moments lm] " + "  ".join(f"{k}={v:.4g}" for k, v in rows[-1].items()), flush=True)
-    _write(cfg, rows)
-    return rows
-
-
-def _write(cfg: MomentsLMConfig, rows: list[dict]) -> None:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "config.yaml")
-    with open(out / "table.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows([{k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
-    (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = write_rows(cfg.out, cfg, rows, COLUMNS, decimals=5)
     plot_lm(rows, out / "moments_lm.png")
+    return rows
 
 
 def plot_lm(rows: list[dict], path: str | Path) -> Path:
