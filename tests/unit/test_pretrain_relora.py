@@ -219,3 +219,69 @@ def test_a_validation_is_logged_even_off_the_log_cadence(tmp_path, corpora):
     rows = read_metrics(run)
     assert [r["step"] for r in rows if "loss/val" in r] == [2, 4, 5]
     assert [r["step"] for r in rows if "loss/train" in r] == [2, 3, 4, 5]
+
+
+def test_train_embeddings_trains_them_keeps_their_moments_and_saves_them(tmp_path, corpora):
+    """relora.train_embeddings: the embeddings (and norms) train next to the adapters, a restart
+    prunes the adapters' Adam moments only, and the merged model/ loads with the trained embeddings."""
+    from transformers import AutoModelForCausalLM
+
+    from ankus.models.relora import full_parameters, lora_parameters, relora_step
+
+    args = [f"data.corpus={corpora[0]}", f"run.out_dir={tmp_path}", *RELORA, "relora.train_embeddings=true",
+            "relora.prune=full"]
+    out = run_recipe("pretrain_tiny", args)
+    run = Path(out["run_dir"])
+    model, params, cfg = _peft_model(args)
+    lora, full = lora_parameters(model), full_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert any("embed_tokens" in names[id(p)] for p in full) and any("norm" in names[id(p)] for p in full)
+    assert out["trainable_params"] == sum(p.numel() for p in lora + full) == sum(p.numel() for p in params)
+    final = load_file(str(run / "checkpoints" / "step-00000005" / "model.safetensors"))
+    embed = next(k for k in final if "embed_tokens" in k)
+    assert not torch.equal(final[embed], model.state_dict()[embed])  # moved from the (same seeded) init
+    hf = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert torch.equal(hf.get_input_embeddings().weight.detach(), final[embed])
+    # a restart: the adapters' moments are zeroed (prune=full), the embeddings' kept as they were
+    opt = torch.optim.AdamW(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    kept = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in full}
+    assert relora_step(model, opt, cfg.relora, 2, cfg.trainer.seed) == {"relora/restart": 1}
+    assert all(float(opt.state[p]["exp_avg"].abs().sum()) == 0 for p in lora)
+    assert all(torch.equal(opt.state[p][k], v) for p in full for k, v in kept[id(p)].items())
+
+
+def test_without_train_embeddings_they_stay_frozen(tmp_path, corpora):
+    from ankus.models.relora import full_parameters
+
+    args = [f"data.corpus={corpora[0]}", f"run.out_dir={tmp_path}", *RELORA]
+    run = Path(run_recipe("pretrain_tiny", args)["run_dir"])
+    model, _, _ = _peft_model(args)
+    assert not any(p.requires_grad for p in full_parameters(model))
+    final = load_file(str(run / "checkpoints" / "step-00000005" / "model.safetensors"))
+    embed = next(k for k in final if "embed_tokens" in k)
+    assert torch.equal(final[embed], model.state_dict()[embed])
+
+
+def test_train_embeddings_without_relora_is_refused(tmp_path, corpora):
+    with pytest.raises(ConfigError, match=r"relora\.train_embeddings is not used by the pretrain trainer"):
+        run_recipe("pretrain_tiny", [f"data.corpus={corpora[0]}", f"run.out_dir={tmp_path}",
+                                     "relora.train_embeddings=true"])
+
+
+def test_warm_start_switch_keeps_the_embeddings_moments_with_train_embeddings():
+    from ankus.models.relora import full_parameters, lora_parameters, relora_step
+
+    model, params, cfg = _peft_model([*RELORA, "relora.train_embeddings=true", "relora.warm_start_steps=1"])
+    opt = torch.optim.AdamW(params)
+    for p in params:
+        if p.requires_grad:
+            p.grad = torch.ones_like(p)
+    opt.step()
+    full = {id(p) for p in full_parameters(model)}
+    assert relora_step(model, opt, cfg.relora, 1, cfg.trainer.seed) == {"relora/restart": 0}
+    assert {id(p) for p in opt.state} == full  # the adapted linears' moments dropped, the embeddings' kept
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trained == full | {id(p) for p in lora_parameters(model)}

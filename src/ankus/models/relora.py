@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from ankus.config import ConfigError, LoRAConfig, TrainerConfig, reject_unused
 
-__all__ = ["lora_layers", "lora_parameters", "merge_and_reinit", "reset_optimizer_state", "update_rank",
+__all__ = ["lora_layers", "lora_parameters", "full_parameters", "relora_trainable", "merge_and_reinit",
+           "reset_optimizer_state", "update_rank",
            "ReLoRAConfig", "check_relora", "relora_multiplier", "apply_relora", "relora_phase", "relora_step"]
 
 PruneMode = Literal["full", "random", "magnitude"]
@@ -53,6 +54,28 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The adapters' A and B matrices (what ReLoRA trains and resets)."""
     return [p for _, layer in lora_layers(model) for d in (layer.lora_A, layer.lora_B) for m in d.values()
             for p in m.parameters()]
+
+
+def full_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What ``relora.train_embeddings`` trains in full next to the adapters: the input embeddings,
+    the output head (once when tied) and every norm layer's weights, less anything inside an
+    adapted layer. They are plain parameters of the base model, so merging and saving need nothing
+    more, and a restart leaves them (and their Adam moments) alone."""
+    adapted = {id(p) for _, layer in lora_layers(model) for p in layer.parameters()}
+    modules = [model.get_input_embeddings(), model.get_output_embeddings()]
+    modules += [m for m in model.modules() if "norm" in type(m).__name__.lower()]
+    out: dict[int, nn.Parameter] = {}
+    for m in modules:
+        for p in m.parameters() if m is not None else ():
+            if id(p) not in adapted:
+                out.setdefault(id(p), p)
+    return list(out.values())
+
+
+def relora_trainable(model: nn.Module, rc: ReLoRAConfig) -> list[nn.Parameter]:
+    """The parameters trained after the warm start: the adapters, plus the embeddings, head and
+    norms with ``relora.train_embeddings``."""
+    return lora_parameters(model) + (full_parameters(model) if rc.train_embeddings else [])
 
 
 @torch.no_grad()
@@ -141,13 +164,16 @@ class ReLoRAConfig:
     """Fraction of the moments' entries set to zero by random/magnitude pruning (README: 0.9)."""
     warm_start_steps: int = 0
     """Full-rank steps (every weight trains) before the adapters are put on."""
+    train_embeddings: bool = False
+    """Also train the input embeddings, the output head and the norms in full alongside the adapters
+    (the paper's setup); their Adam moments are kept at a restart. False: the adapters alone train."""
 
 
 def check_relora(rc: ReLoRAConfig, tc: TrainerConfig, trainer: str) -> None:
     """ConfigError naming the field for a ReLoRA setting that cannot run."""
     if not rc.enabled:
         reject_unused(rc, ["r", "alpha", "dropout", "target", "reset_every", "restart_warmup", "prune", "prune_ratio",
-                           "warm_start_steps"], trainer, "unless relora.enabled is true", "relora")
+                           "warm_start_steps", "train_embeddings"], trainer, "unless relora.enabled is true", "relora")
         return
     if tc.fsdp:
         raise ConfigError(f"trainer.fsdp with relora.enabled is not supported by the {trainer} trainer: the merge "
@@ -198,33 +224,34 @@ def apply_relora(model: nn.Module, rc: ReLoRAConfig, tc: TrainerConfig) -> tuple
 
     model = apply_lora(model, LoRAConfig(True, r=rc.r, alpha=rc.alpha, dropout=rc.dropout, target=list(rc.target)))
     relora_phase(model, rc, 0)
-    params = list(model.parameters()) if rc.warm_start_steps > 0 else lora_parameters(model)
+    params = list(model.parameters()) if rc.warm_start_steps > 0 else relora_trainable(model, rc)
     return model, params, relora_multiplier(schedule_fn(tc), rc.warm_start_steps, rc.reset_every, rc.restart_warmup)
 
 
 def relora_phase(model: nn.Module, rc: ReLoRAConfig, step: int) -> None:
     """What trains at ``step``: every weight with the adapters off during the warm start, the
-    adapters alone after it."""
+    adapters (and with ``train_embeddings`` the embeddings, head and norms) after it."""
     full_rank = step < rc.warm_start_steps
-    lora = {id(p) for p in lora_parameters(model)}
+    adapters = {id(p) for p in lora_parameters(model)}
+    trained = {id(p) for p in relora_trainable(model, rc)}
     if full_rank:
         model.base_model.disable_adapter_layers()
     else:
         model.base_model.enable_adapter_layers()
     for p in model.parameters():
-        p.requires_grad_((id(p) in lora) != full_rank)
+        p.requires_grad_(id(p) not in adapters if full_rank else id(p) in trained)
 
 
 def relora_step(model: nn.Module, optimizer: torch.optim.Optimizer, rc: ReLoRAConfig, step: int,
                 seed: int) -> dict[str, float]:
     """Call before optimizer step ``step``: at the end of the warm start switch to the adapters
-    (dropping the other parameters' moments), at every restart merge, re-draw A (a generator
+    (dropping the moments of the parameters that stop training), at every restart merge, re-draw A (a generator
     seeded by ``seed`` and the restart index), zero B and prune the adapters' moments.
     Returns ``{"relora/restart": k}`` at the k-th restart, else ``{}``."""
     w = rc.warm_start_steps
     if w > 0 and step == w:
         relora_phase(model, rc, step)
-        lora = {id(p) for p in lora_parameters(model)}
+        lora = {id(p) for p in relora_trainable(model, rc)}
         for p in [p for p in optimizer.state if id(p) not in lora]:
             del optimizer.state[p]
         return {"relora/restart": 0}
