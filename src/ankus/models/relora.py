@@ -14,7 +14,9 @@ peft has no ReLoRA; this module adds the three operations it needs on top of a p
   stale moments of the old A and B push the fresh ones along the old direction.
 * :func:`update_rank` — the numerical rank of an accumulated weight update.
 
-The learning rate re-warms after each reset: ``ankus.optim.jagged``.
+The learning rate re-warms after each reset: ``ankus.optim.jagged``. With ``train_embeddings``
+the embeddings, output head and norms (:func:`full_parameters`) train in full beside the
+adapters, as in the paper; a restart leaves them and their moments alone.
 
 The pretrain trainer's ``relora:`` section (:class:`ReLoRAConfig`) runs them through three calls:
 :func:`apply_relora` once (wrap, freeze, the optimizer's parameters and LR multiplier),

@@ -23,7 +23,8 @@ Re-warming (Gupta et al. 2023) is such a run with its own ``trainer.warmup_steps
 ReLoRA (``relora.enabled``, :mod:`ankus.models.relora`): after ``relora.warm_start_steps``
 full-rank steps only LoRA adapters on the attention and MLP linears train; every
 ``relora.reset_every`` steps they are merged into their weights and restarted, the adapters'
-Adam moments pruned, and the LR re-warmed (ReLoRA's jagged schedule). Checkpoints hold the peft
+Adam moments pruned, and the LR re-warmed (ReLoRA's jagged schedule); ``relora.train_embeddings``
+also trains the embeddings, head and norms in full. Checkpoints hold the peft
 model; the saved ``model/`` is a plain transformers model with the adapters merged.
 
 Context extension: the ``rope:`` section scales the loaded model's RoPE (:func:`ankus.models.rope.apply_rope_config`)
