@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ankus.audits import moments_math as mm
-from ankus.audits.tables import write_rows
+from ankus.audits.tables import save_figure, step_axes, write_rows
 from ankus.config import ConfigError
 
 __all__ = ["MomentsImageConfig", "load_digits_split", "make_net", "checkpoint_steps", "synthetic_sets",
@@ -163,17 +163,10 @@ def plot_image(rows: list[dict], path: str | Path, title: str = "") -> Path:
     for key in COLUMNS[1:]:
         ax.plot(steps, [r[key] for r in rows], marker="o", markersize=3, label=key)
     ax.axhline(0.1, color="grey", linestyle="--", linewidth=1, label="chance")
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlim(left=0)
-    ax.set_xlabel("step")
     ax.set_ylabel("fraction")
     ax.set_title(f"digits {title}: real, max-entropy, Gaussian and OT-edited samples")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    step_axes(ax, linthresh=1)
+    return save_figure(fig, path)
 
 
 def cmd_moments_image(args) -> int:

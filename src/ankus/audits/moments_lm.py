@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ankus.audits import moments_math as mm
-from ankus.audits.tables import write_rows
+from ankus.audits.tables import save_figure, step_axes, write_rows
 from ankus.config import ConfigError, read_yaml
 from ankus.data.corpus import load_corpus
 from ankus.data.io import DataError
@@ -177,16 +177,9 @@ def plot_lm(rows: list[dict], path: str | Path) -> Path:
     for key, color in (("kl_unigram", "tab:blue"), ("kl_bigram", "tab:orange"), ("kl_bigram_u", "tab:green")):
         b.plot(steps, [r[key] for r in rows], marker="o", markersize=3, color=color, label=key)
     for ax, title in ((a, "loss (nats/token)"), (b, "KL(model || n-gram) on held-out text")):
-        ax.set_xscale("symlog", linthresh=10)
-        ax.set_xlim(left=0)
-        ax.set_xlabel("step")
         ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+        step_axes(ax, linthresh=10)
+    return save_figure(fig, path)
 
 
 def cmd_moments_lm(args) -> int:
