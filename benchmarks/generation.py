@@ -80,6 +80,11 @@ import torch
 
 from ankus.generation import cuda_graphs
 from ankus.generation.engine import GenerationConfig, cpu_path_info, generate, release_graphs
+from ankus.generation.onednn import PACKED, PACKED_BF16, PLAIN
+from ankus.generation.path_timing import describe, fastest_path
+from ankus.rl.rollouts import rollout_config
+
+AUTO_CANDIDATES = (PACKED, PLAIN, PACKED_BF16)  # what PPO's rollout_bf16=auto measures
 
 # Random-init shapes for the GPU mode (weights do not matter for speed).
 CUDA_MODELS = {
@@ -173,6 +178,14 @@ def timed(fn, sync) -> tuple[float, float]:
     return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
+def engine_path(model, batch: int, config: GenerationConfig) -> str:
+    """The linear path ``generate`` runs for this batch (measured at start-up where it is a
+    choice), printed with its reason (the measured times)."""
+    info = cpu_path_info(model, config, rows=min(batch, 64))
+    print(f"batch {batch}: ankus {'bf16' if config.bf16 else 'fp32'} linear path {info['path']} ({info['reason']})")
+    return info["path"]
+
+
 def describe_cpu_path(info: dict) -> str:
     """One line from ``cpu_path_info()``: which linear layers ankus runs, why, and on what ISA."""
     limit = f", limit {info['isa_limit']}" if info["isa_limit"] else ""
@@ -208,6 +221,25 @@ def floor_tok_s(model, batch: int, bandwidth: float, bytes_per_weight: int) -> f
     """The memory-bandwidth floor as a ceiling on speed: a decode step cannot take less than
     reading the linear weights once, so at most ``batch`` tokens per that time."""
     return batch * bandwidth / linear_weight_bytes(model, bytes_per_weight)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a large (n x n) @ (n x n) product in ``dtype`` at the current thread count (median)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def compute_floor_tok_s(model, peak: float) -> float:
+    """The arithmetic floor as a ceiling on speed: a decode step does 2 FLOPs per linear weight per
+    row, so at the measured matmul peak at most peak / (2 x weights) tokens per second, whatever the
+    batch (the attention's few FLOPs at short contexts left out)."""
+    return peak / (2 * linear_weight_bytes(model, 1))
 
 
 def compare(name: str, engines: dict, repeats: int, sync, paths: dict | None = None,
@@ -263,17 +295,26 @@ def main() -> None:
         print(f"SmolLM2-135M fp32 on CPU, {torch.get_num_threads()} threads, prompts of {args.prompt_tokens} tokens, "
               f"{new_tokens} new tokens, median of {args.repeats}")
         print(describe_cpu_path(cpu_path_info(model)))
-        paths = {"transformers": "model's own (MKL)", "ankus": cpu_path_info(model)["path"]}
-        if args.bf16:
-            paths["ankus bf16"] = cpu_path_info(model, GenerationConfig(bf16=True))["path"]
         bandwidth = read_bandwidth(linear_weight_bytes(model, 4))
+        peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
         print(f"memory read bandwidth {bandwidth / 1e9:.2f} GB/s ({torch.get_num_threads()} threads); a decode step "
               f"streams {linear_weight_bytes(model, 4) / 1e6:.0f} MB of fp32 linear weights "
-              f"({linear_weight_bytes(model, 2) / 1e6:.0f} MB in bf16)")
+              f"({linear_weight_bytes(model, 2) / 1e6:.0f} MB in bf16); matmul peak {peaks['fp32'] / 1e9:.1f} "
+              f"GFLOP/s fp32, {peaks['bf16'] / 1e9:.1f} bf16")
         for b in batch_sizes:
-            fp32_floor, bf16_floor = floor_tok_s(model, b, bandwidth, 4), floor_tok_s(model, b, bandwidth, 2)
-            print(f"batch {b}: bandwidth floor {fp32_floor:.0f} tok/s fp32, {bf16_floor:.0f} tok/s bf16")
-            floors = {"transformers": fp32_floor, "ankus": fp32_floor, "ankus bf16": bf16_floor}
+            paths = {"transformers": "model's own (MKL)", "ankus": engine_path(model, b, GenerationConfig())}
+            if args.bf16:
+                paths["ankus bf16"] = engine_path(model, b, GenerationConfig(bf16=True))
+            floors = {}
+            for prec, nbytes in (("fp32", 4), ("bf16", 2)):
+                mem, flop = floor_tok_s(model, b, bandwidth, nbytes), compute_floor_tok_s(model, peaks[prec])
+                floors[prec] = min(mem, flop)
+                print(f"batch {b} {prec}: floor {floors[prec]:.0f} tok/s = min(bandwidth {mem:.0f}, compute {flop:.0f})"
+                      f": {'memory' if mem < flop else 'compute'}-bound")
+            rollout = rollout_config(model, GenerationConfig(), "auto", b)
+            print(f"batch {b}: PPO's default rollout path (method.rollout_bf16=auto) here: "
+                  f"{'bf16' if rollout.bf16 else 'fp32'} ({describe(fastest_path(model, b, AUTO_CANDIDATES)[1])})")
+            floors = {"transformers": floors["fp32"], "ankus": floors["fp32"], "ankus bf16": floors["bf16"]}
             prompts = make_prompts(tok, b, args.prompt_tokens)
             engines = {
                 "transformers": lambda: hf_generate(model, prompts, new_tokens, tok.pad_token_id),

@@ -77,7 +77,9 @@ class GenerationConfig:
     ignore_eos: bool = False
     """Keep generating past EOS (fixed-length rollouts, benchmarks); stop strings still apply."""
     packed_linears: bool = True
-    """CPU: run linear layers through oneDNN with weights packed once (same fp32 math, faster)."""
+    """CPU: run linear layers through oneDNN with weights packed once (same fp32 math, faster),
+    unless plain ``F.linear`` is measured faster on this machine (timed once per model shape and
+    batch, :mod:`ankus.generation.path_timing`); false = always the model's own layers."""
     move_frozen: bool = True
     """CPU packed linears: a frozen weight (``requires_grad=False``) that only its linear layer
     uses lives in packed form alone during the call, and is rebuilt bit for bit afterwards, instead
@@ -354,7 +356,7 @@ def _unconditional_ids(tokenizer, prompt_ids: list[list[int]], negative_prompts,
 def _linear_layers(model, config: GenerationConfig, rows: int) -> contextlib.AbstractContextManager:
     """The linear layers the call runs (see :func:`ankus.generation.onednn.linear_path`): packed
     oneDNN ones, or the model's own."""
-    path, reason = linear_path(model, config.packed_linears, config.bf16)
+    path, reason = linear_path(model, config.packed_linears, config.bf16, min(rows, 64))
     logger.debug("generate: linear layers %s (%s)", path, reason)
     if path == PLAIN:
         return contextlib.nullcontext()

@@ -95,10 +95,12 @@ def _sharded(model) -> bool:
         return False
 
 
-def linear_path(model, packed_linears: bool = True, bf16: bool = False) -> tuple[str, str]:
+def linear_path(model, packed_linears: bool = True, bf16: bool = False, rows: int | None = None) -> tuple[str, str]:
     """(path, reason) that ``generate`` takes for ``model``: :data:`PACKED_BF16` (opt-in),
     :data:`PACKED` or :data:`PLAIN` (the model's own layers). Raises ``ValueError`` for bf16
-    where packed linears cannot run (bf16 is a CPU oneDNN option)."""
+    where packed linears cannot run (bf16 is a CPU oneDNN option). With ``rows`` (the decode
+    batch), packed and plain fp32 are both timed on this model once per process and the faster is
+    taken (:func:`ankus.generation.path_timing.fastest_path`); the reason then gives the times."""
     if not (packed_linears or bf16):
         return PLAIN, "packed_linears=False"
     p = next(model.parameters(), None)
@@ -120,7 +122,12 @@ def linear_path(model, packed_linears: bool = True, bf16: bool = False) -> tuple
         return PLAIN, why
     if _sharded(model):
         return PLAIN, "an FSDP-sharded model (its forward gathers weights)"
-    return PACKED, "oneDNN probe passed"
+    if rows is None:
+        return PACKED, "oneDNN probe passed"
+    from ankus.generation.path_timing import describe, fastest_path  # (it imports this module)
+
+    path, times = fastest_path(model, rows, (PACKED, PLAIN))
+    return path, f"oneDNN probe passed; measured per pass over the linear weights: {describe(times)}"
 
 
 def _capture_onednn_verbose() -> str:
@@ -160,9 +167,10 @@ def _onednn_isa() -> tuple[str | None, str | None]:
     return _PROBE["isa"], _PROBE["impl"]
 
 
-def cpu_path_info(model=None, config=None) -> dict:
+def cpu_path_info(model=None, config=None, rows: int | None = None) -> dict:
     """What CPU sampling runs here, as a flat dict: ``path`` and ``reason`` (for ``model`` and a
-    ``GenerationConfig`` if given, else for a float32 CPU model with the defaults), ``threads``
+    ``GenerationConfig`` if given, else for a float32 CPU model with the defaults; with ``rows``,
+    the path ``generate`` measures as fastest for that batch, see :func:`linear_path`), ``threads``
     and ``interop_threads`` (torch's), ``aten_isa`` (torch's CPU capability), ``onednn_isa``
     and ``onednn_impl`` (from one oneDNN call in verbose mode, captured once per process; None if
     verbose mode was already used, or without oneDNN) and ``isa_limit`` (an ``ONEDNN_MAX_CPU_ISA``
@@ -172,7 +180,7 @@ def cpu_path_info(model=None, config=None) -> dict:
     packed = True if config is None else config.packed_linears
     bf16 = False if config is None else config.bf16
     try:
-        path, reason = linear_path(model, packed, bf16)
+        path, reason = linear_path(model, packed, bf16, rows)
     except ValueError as e:
         path, reason = "error", str(e)
     isa, impl = _onednn_isa()

@@ -89,7 +89,7 @@ def packed_linears_available(model) -> bool:
             and probe()[0])
 
 
-def _linear_weight(mod: nn.Module, conv1d) -> tuple[Tensor, bool, int] | None:
+def linear_weight_of(mod: nn.Module, conv1d) -> tuple[Tensor, bool, int] | None:
     """(weight, stored transposed, out features) of a plain linear layer on CPU, else None."""
     if type(mod) is nn.Linear:
         weight, transpose, out_features = mod.weight, False, mod.out_features
@@ -125,7 +125,7 @@ def packed_linears(model, dtype: torch.dtype | None = None, rows_hint: int = 16,
             for mod in model.modules():
                 if "forward" in mod.__dict__:
                     continue  # already swapped (shared module) or patched by someone else
-                found = _linear_weight(mod, conv1d)
+                found = linear_weight_of(mod, conv1d)
                 if found is None:
                     continue
                 weight, transpose, out_features = found

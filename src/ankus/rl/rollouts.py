@@ -20,8 +20,9 @@ from torch import Tensor
 from ankus import distributed
 from ankus.data.tokens import pad_id, position_ids_from_mask
 from ankus.generation.engine import GenerationConfig, GenerationOutput, concat_outputs, generate
-from ankus.generation.onednn import linear_path
+from ankus.generation.onednn import PACKED, PACKED_BF16, PLAIN, linear_path
 from ankus.generation.packing import release_packed
+from ankus.generation.path_timing import fastest_path
 from ankus.losses.ppo import head_logprobs, logprobs_from_logits, rows_per_chunk, token_entropy
 from ankus.models.heads import output_head_bypassed
 from ankus.models.prefix import head_is_plain, shared_prompt_hidden, shared_prompt_states
@@ -264,16 +265,24 @@ def has_dropout(model) -> bool:
 # sampling and rewards
 
 
-def rollout_config(policy, gen_cfg: GenerationConfig, bf16: bool) -> GenerationConfig:
-    """``gen_cfg`` with bf16 packed linears when ``bf16`` asks for them and this machine runs them
-    (CPU oneDNN); otherwise unchanged, with a warning saying why sampling stays in fp32."""
-    if not bf16 or gen_cfg.bf16:
+def rollout_config(policy, gen_cfg: GenerationConfig, bf16: bool | str, rows: int = 16) -> GenerationConfig:
+    """``gen_cfg`` with bf16 packed linears where asked for and this machine runs them (CPU
+    oneDNN). ``bf16=True``: wherever they run, else fp32 with a warning saying why. ``"auto"``: only
+    where the policy's linear layers at ``rows`` rows are measured ``BF16_MARGIN`` faster in bf16
+    than in fp32 (:func:`ankus.generation.path_timing.fastest_path`, the times combined over the
+    processes so that all choose alike); else unchanged, without a warning."""
+    if not bf16 or gen_cfg.bf16 or (bf16 == "auto" and not gen_cfg.packed_linears):
         return gen_cfg
     try:
         linear_path(policy, gen_cfg.packed_linears, bf16=True)
     except ValueError as e:
-        logger.warning("method.rollout_bf16: rollouts are sampled in fp32 here (%s)", e)
+        if bf16 is True:
+            logger.warning("method.rollout_bf16: rollouts are sampled in fp32 here (%s)", e)
         return gen_cfg
+    if bf16 == "auto":
+        path, _ = fastest_path(policy, min(rows, 64), (PACKED, PLAIN, PACKED_BF16), reduce=distributed.all_reduce_max)
+        if path != PACKED_BF16:
+            return gen_cfg
     return dataclasses.replace(gen_cfg, bf16=True)
 
 
