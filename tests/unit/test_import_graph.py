@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     "ankus.data.assets": 0, "ankus.data.batching": 0, "ankus.losses": 0, "ankus.rl.stats": 0, "ankus.rl.gae": 0,
     "ankus.rl.kl": 0, "ankus.rl.estimators": 0, "ankus.recipes": 0,
     # 1: models and the machinery around a training step
-    "ankus.models": 1, "ankus.distributed": 1, "ankus.checkpoint": 1, "ankus.runs": 1,
+    "ankus.models": 1, "ankus.distributed": 1, "ankus.checkpoint": 1, "ankus.runs": 1, "ankus.allocator": 1,
     # 2: sampling
     "ankus.generation": 2,
     # 3: tasks and rewards (may sample)

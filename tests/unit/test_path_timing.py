@@ -76,7 +76,7 @@ def test_generate_runs_the_measured_path_and_says_why(fresh, monkeypatch):
     packed_linears=False, and cpu_path_info's reason carries the measured times."""
     model, tok = load_model("tiny-llama")
     monkeypatch.setattr(path_timing, "time_paths", lambda *a, **k: {PACKED: 2.0, PLAIN: 1.0})
-    info = onednn.cpu_path_info(model, GenerationConfig(), rows=4)
+    info = path_timing.cpu_path_info(model, GenerationConfig(), rows=4)
     assert info["path"] == PLAIN and "onednn-packed 2000.0 ms, plain-linear 1000.0 ms" in info["reason"]
     prompts = [[504, 2365, 8130], [253, 1109, 7]]
     cfg = GenerationConfig(max_new_tokens=6, do_sample=True)

@@ -10,7 +10,8 @@ in its module's docstring with the function that frees it.
 from ankus.generation.cuda_graphs import release_compiled, release_graphs
 from ankus.generation.engine import GenerationConfig, GenerationOutput, encode_prompts, generate
 from ankus.generation.guidance import cfg_scores, unconditional_prompts
-from ankus.generation.onednn import cpu_path_info, reset_probe
+from ankus.generation.onednn import reset_probe
+from ankus.generation.path_timing import cpu_path_info
 from ankus.generation.packing import packed_linears, release_all_packed, release_packed
 from ankus.generation.sampling import filter_scores, sample_tokens, token_logps
 

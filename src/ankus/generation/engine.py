@@ -14,8 +14,9 @@ KV cache, asking for the logits of the last position only. Around it:
 Where the speed comes from lives beside this loop: the KV cache and the forwards on it
 (:mod:`ankus.generation.kv_cache`); on CPU, linear layers through oneDNN with packed weights
 (:mod:`ankus.generation.packing`; whether that path runs here, and why not: :func:`cpu_path_info`,
-:mod:`ankus.generation.onednn`; the memory side: :mod:`ankus.generation.memory`); on CUDA, the
-decode step captured as a graph (:mod:`ankus.generation.cuda_graphs`). ``torch.compile`` of the
+:mod:`ankus.generation.onednn`; whether it is the faster one here: :mod:`ankus.generation.path_timing`;
+the memory side: :mod:`ankus.generation.memory`); on CUDA, the decode step captured as a graph
+(:mod:`ankus.generation.cuda_graphs`). ``torch.compile`` of the
 CPU decode step was measured and dropped: 85-150 s to compile on 2 cores, no faster per step.
 
 This module keeps no state. The caches of the modules above, and how to free them:
@@ -40,8 +41,9 @@ from ankus.data.tokens import pad_id as pad_token
 from ankus.generation.cuda_graphs import graph_safe, graph_slot, release_graphs, static_step
 from ankus.generation.guidance import cfg_scores, unconditional_prompts
 from ankus.generation.kv_cache import Branch, decode, keep_rows, prefill, prefill_once_per_prompt
-from ankus.generation.onednn import PACKED_BF16, PLAIN, cpu_path_info, linear_path
+from ankus.generation.onednn import PACKED_BF16, PLAIN
 from ankus.generation.packing import packed_linears, release_packed
+from ankus.generation.path_timing import cpu_path_info, measured_linear_path
 from ankus.generation.sampling import filter_scores, sample_tokens, token_logps
 
 logger = logging.getLogger("ankus.generation")
@@ -354,9 +356,9 @@ def _unconditional_ids(tokenizer, prompt_ids: list[list[int]], negative_prompts,
 
 
 def _linear_layers(model, config: GenerationConfig, rows: int) -> contextlib.AbstractContextManager:
-    """The linear layers the call runs (see :func:`ankus.generation.onednn.linear_path`): packed
-    oneDNN ones, or the model's own."""
-    path, reason = linear_path(model, config.packed_linears, config.bf16, min(rows, 64))
+    """The linear layers the call runs (see :func:`ankus.generation.path_timing.measured_linear_path`):
+    packed oneDNN ones, or the model's own."""
+    path, reason = measured_linear_path(model, config.packed_linears, config.bf16, min(rows, 64))
     logger.debug("generate: linear layers %s (%s)", path, reason)
     if path == PLAIN:
         return contextlib.nullcontext()

@@ -5,15 +5,15 @@
 ``torch.ops.mkldnn`` linear ops exist and compute correctly here. :func:`probe` checks exactly
 that, once per process, on a small weight against ``F.linear``; when it fails, sampling falls
 back to the model's own linear layers (MKL) with the same results at lower speed, and the reason
-is logged once on the ``ankus.generation`` logger. :func:`linear_path` is the decision
-``generate`` takes for one model and config; :func:`cpu_path_info` reports it with what decides
-the speed of either path (threads, ISA), for benchmarks and bug reports.
+is logged once on the ``ankus.generation`` logger. :func:`linear_path` says which paths
+can run for one model and config (:mod:`ankus.generation.path_timing` measures which is faster,
+and its ``cpu_path_info`` reports the decision with the threads and :func:`onednn_isa`).
 
 Module-level cache:
 
 * ``_PROBE``: the probe's result (keys ``ok``, ``reason``) and oneDNN's ISA (``isa``, ``impl``),
   a few strings. Filled by :func:`probe` (at the first CPU ``generate`` call) and by
-  :func:`cpu_path_info` (the ISA); never grows past those keys. The probe's result is
+  :func:`onednn_isa`; never grows past those keys. The probe's result is
   forgotten by :func:`reset_probe` (tests; a changed torch); the ISA lives as long as the process.
 """
 
@@ -35,7 +35,7 @@ _PROBE: dict[str, object] = {}  # "ok", "reason"; "isa", "impl" once cpu_path_in
 PACKED = "onednn-packed"
 PACKED_BF16 = "onednn-packed-bf16"
 PLAIN = "plain-linear"
-_ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 
 def reorder_weight(weight: Tensor, rows_hint: int) -> Tensor:
@@ -95,12 +95,11 @@ def _sharded(model) -> bool:
         return False
 
 
-def linear_path(model, packed_linears: bool = True, bf16: bool = False, rows: int | None = None) -> tuple[str, str]:
-    """(path, reason) that ``generate`` takes for ``model``: :data:`PACKED_BF16` (opt-in),
-    :data:`PACKED` or :data:`PLAIN` (the model's own layers). Raises ``ValueError`` for bf16
-    where packed linears cannot run (bf16 is a CPU oneDNN option). With ``rows`` (the decode
-    batch), packed and plain fp32 are both timed on this model once per process and the faster is
-    taken (:func:`ankus.generation.path_timing.fastest_path`); the reason then gives the times."""
+def linear_path(model, packed_linears: bool = True, bf16: bool = False) -> tuple[str, str]:
+    """(path, reason) for ``model`` from what can run: :data:`PACKED_BF16` (opt-in), :data:`PACKED`
+    or :data:`PLAIN` (the model's own layers). Raises ``ValueError`` for bf16 where packed linears
+    cannot run (bf16 is a CPU oneDNN option). Whether packed is also the faster of the fp32 paths
+    is measured by :func:`ankus.generation.path_timing.measured_linear_path`."""
     if not (packed_linears or bf16):
         return PLAIN, "packed_linears=False"
     p = next(model.parameters(), None)
@@ -122,12 +121,7 @@ def linear_path(model, packed_linears: bool = True, bf16: bool = False, rows: in
         return PLAIN, why
     if _sharded(model):
         return PLAIN, "an FSDP-sharded model (its forward gathers weights)"
-    if rows is None:
-        return PACKED, "oneDNN probe passed"
-    from ankus.generation.path_timing import describe, fastest_path  # (it imports this module)
-
-    path, times = fastest_path(model, rows, (PACKED, PLAIN))
-    return path, f"oneDNN probe passed; measured per pass over the linear weights: {describe(times)}"
+    return PACKED, "oneDNN probe passed"
 
 
 def _capture_onednn_verbose() -> str:
@@ -149,7 +143,7 @@ def _capture_onednn_verbose() -> str:
         return f.read().decode(errors="replace")
 
 
-def _onednn_isa() -> tuple[str | None, str | None]:
+def onednn_isa() -> tuple[str | None, str | None]:
     """(ISA oneDNN dispatches to, the matmul implementation it picked), None where unknown."""
     if "isa" not in _PROBE:
         isa = impl = None
@@ -165,32 +159,3 @@ def _onednn_isa() -> tuple[str | None, str | None]:
                     impl = fields[6]  # e.g. brg_matmul:avx512_core
         _PROBE.update(isa=isa, impl=impl)
     return _PROBE["isa"], _PROBE["impl"]
-
-
-def cpu_path_info(model=None, config=None, rows: int | None = None) -> dict:
-    """What CPU sampling runs here, as a flat dict: ``path`` and ``reason`` (for ``model`` and a
-    ``GenerationConfig`` if given, else for a float32 CPU model with the defaults; with ``rows``,
-    the path ``generate`` measures as fastest for that batch, see :func:`linear_path`), ``threads``
-    and ``interop_threads`` (torch's), ``aten_isa`` (torch's CPU capability), ``onednn_isa``
-    and ``onednn_impl`` (from one oneDNN call in verbose mode, captured once per process; None if
-    verbose mode was already used, or without oneDNN) and ``isa_limit`` (an ``ONEDNN_MAX_CPU_ISA``
-    / ``DNNL_MAX_CPU_ISA`` set in the environment)."""
-    if model is None:
-        model = torch.nn.Linear(1, 1)
-    packed = True if config is None else config.packed_linears
-    bf16 = False if config is None else config.bf16
-    try:
-        path, reason = linear_path(model, packed, bf16, rows)
-    except ValueError as e:
-        path, reason = "error", str(e)
-    isa, impl = _onednn_isa()
-    return {
-        "path": path,
-        "reason": reason,
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "aten_isa": torch.backends.cpu.get_cpu_capability(),
-        "onednn_isa": isa,
-        "onednn_impl": impl,
-        "isa_limit": next((f"{k}={os.environ[k]}" for k in _ISA_ENV if os.environ.get(k)), None),
-    }

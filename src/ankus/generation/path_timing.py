@@ -28,6 +28,7 @@ Module-level cache:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Callable
 
@@ -35,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ankus.generation.onednn import PACKED, PACKED_BF16, PLAIN, packed_matmul, reorder_weight
+from ankus.generation.onednn import (ISA_ENV, PACKED, PACKED_BF16, PLAIN, linear_path, onednn_isa, packed_matmul,
+                                    reorder_weight)
 from ankus.generation.packing import conv1d_type, linear_weight_of
 
 logger = logging.getLogger("ankus.generation")
@@ -139,3 +141,44 @@ def describe(times: dict[str, float]) -> str:
 def reset_choices() -> None:
     """Forget every measured choice; the next call measures again."""
     _CHOICES.clear()
+
+
+def measured_linear_path(model, packed_linears: bool = True, bf16: bool = False,
+                         rows: int | None = None) -> tuple[str, str]:
+    """(path, reason) that ``generate`` takes: :func:`~ankus.generation.onednn.linear_path`'s, and
+    where that is packed fp32 and ``rows`` (the decode batch) is given, the faster of packed and
+    plain as measured by :func:`fastest_path`, the times in the reason."""
+    path, reason = linear_path(model, packed_linears, bf16)
+    if path != PACKED or rows is None:
+        return path, reason
+    path, times = fastest_path(model, rows, (PACKED, PLAIN))
+    return path, f"{reason}; measured per pass over the linear weights: {describe(times)}"
+
+
+def cpu_path_info(model=None, config=None, rows: int | None = None) -> dict:
+    """What CPU sampling runs here, as a flat dict: ``path`` and ``reason`` (for ``model`` and a
+    ``GenerationConfig`` if given, else for a float32 CPU model with the defaults; with ``rows``,
+    the path ``generate`` measures as fastest for that batch, see :func:`measured_linear_path`), ``threads``
+    and ``interop_threads`` (torch's), ``aten_isa`` (torch's CPU capability), ``onednn_isa``
+    and ``onednn_impl`` (from one oneDNN call in verbose mode, captured once per process; None if
+    verbose mode was already used, or without oneDNN) and ``isa_limit`` (an ``ONEDNN_MAX_CPU_ISA``
+    / ``DNNL_MAX_CPU_ISA`` set in the environment)."""
+    if model is None:
+        model = torch.nn.Linear(1, 1)
+    packed = True if config is None else config.packed_linears
+    bf16 = False if config is None else config.bf16
+    try:
+        path, reason = measured_linear_path(model, packed, bf16, rows)
+    except ValueError as e:
+        path, reason = "error", str(e)
+    isa, impl = onednn_isa()
+    return {
+        "path": path,
+        "reason": reason,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "aten_isa": torch.backends.cpu.get_cpu_capability(),
+        "onednn_isa": isa,
+        "onednn_impl": impl,
+        "isa_limit": next((f"{k}={os.environ[k]}" for k in ISA_ENV if os.environ.get(k)), None),
+    }
