@@ -48,7 +48,10 @@ noisy to rank anything, which is why CPU time on one thread is reported.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -79,93 +82,117 @@ def step_flops(model, tokens: int, seq: int) -> float:
     return 6 * n * tokens + 12 * c.num_hidden_layers * seq * c.hidden_size * tokens
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="llama-20m")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=1024, help="rows per chunk of ankus's fused loss")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time then measures work, "
-                    "not waiting for a shared core); 0 = torch's default")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+SIDES = ("ankus", "ankus-bf16head", "plain", "plain+reuse")
 
+
+def run_side(args) -> dict:
+    """One side's steps in this process: warm-up, then --repeats timed steps; wall and CPU
+    seconds and every step's loss."""
     from ankus import load_model
+    from ankus.allocator import reuse_freed_memory
     from ankus.config import TrainerConfig
     from ankus.optim import make_optimizer
     from ankus.trainers.pretrain import batch_loss, make_rows
 
-    B, T = args.batch, args.seq
-    ours, tok = load_model(args.model, seed=0)
-    plain, _ = load_model(args.model, seed=0)
-    ours.train()
-    plain.train()
+    B, T, side = args.batch, args.seq, args.side
+    model, tok = load_model(args.model, seed=0)
+    model.train()
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, len(tok), (B * T,), generator=gen).numpy()
     starts = torch.zeros(B * T, dtype=torch.bool).numpy()
     batch = make_rows(tokens, starts, list(range(B)), T, isolate=False)
     n_targets = int(batch.loss_mask[:, 1:].sum())
+    if side.startswith("ankus"):
+        tc = TrainerConfig(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999))
+        opt, _ = make_optimizer(list(model.parameters()), tc, fused=True)
+        head_dtype = torch.bfloat16 if side == "ankus-bf16head" else None
 
-    tc = TrainerConfig(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999))
-    opt_ours, _ = make_optimizer([p for p in ours.parameters()], tc, fused=True)
-    opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
+        def loss_fn():
+            return batch_loss(model, batch, 1.0 / n_targets, args.chunk, head_dtype)[0]
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
 
-    def make_step(model, opt, head_dtype):
-        def step() -> float:
-            loss, _ = batch_loss(model, batch, 1.0 / n_targets, args.chunk, head_dtype)
+        def loss_fn():
+            return model(input_ids=batch.input_ids, labels=batch.input_ids, use_cache=False).loss
+
+    out: dict[str, list[float]] = {"wall": [], "cpu": [], "loss": []}
+    # ankus's trainer runs its loop within reuse_freed_memory (method.reuse_freed_memory, on by
+    # default); "plain+reuse" is the plain loop given the same allocator setting
+    with reuse_freed_memory(side != "plain"):
+        for i in range(args.warmup + args.repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss = loss_fn()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return float(loss.detach())
-        return step
-
-    bf16, _ = load_model(args.model, seed=0)
-    bf16.train()
-    opt_bf16, _ = make_optimizer([p for p in bf16.parameters()], tc, fused=True)
-    steps = {"ankus": make_step(ours, opt_ours, None), "ankus-bf16head": make_step(bf16, opt_bf16, torch.bfloat16)}
-
-    def step_plain() -> float:
-        loss = plain(input_ids=batch.input_ids, labels=batch.input_ids, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
-        opt_plain.step()
-        opt_plain.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    steps["plain"] = step_plain
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    cpu: dict[str, list[float]] = {k: [] for k in steps}
-    losses: dict[str, list[float]] = {k: [] for k in steps}
-    for i in range(args.warmup + args.repeats):
-        for name, fn in steps.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            losses[name].append(fn())
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            out["loss"].append(float(loss.detach()))
             if i >= args.warmup:
-                times[name].append(dt)
-                cpu[name].append(dc)
+                out["wall"].append(time.perf_counter() - t0)
+                out["cpu"].append(time.process_time() - c0)
+    return out
+
+
+def run_children(args) -> dict[str, dict[str, list[float]]]:
+    """Each side in its own process (the allocator setting is process-wide), --rounds times,
+    the order reversed every other round so that drifting load hits all sides alike."""
+    results = {side: {"wall": [], "cpu": [], "loss": []} for side in SIDES}
+    for r in range(args.rounds):
+        for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+            cmd = [sys.executable, __file__, "--side", side, "--model", args.model, "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+                   "--chunk", str(args.chunk), "--threads", str(args.threads)]
+            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            got = json.loads(line)
+            for k in ("wall", "cpu"):
+                results[side][k] += got[k]
+            results[side]["loss"] = got["loss"]
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama-20m")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per side per round")
+    ap.add_argument("--rounds", type=int, default=2, help="child processes per side")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=1024, help="rows per chunk of ankus's fused loss")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time then measures work, "
+                    "not waiting for a shared core); 0 = torch's default")
+    ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side, print JSON
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.side:
+        print(json.dumps(run_side(args)))
+        return
+
+    from ankus import load_model
+
+    B, T = args.batch, args.seq
+    res = run_children(args)
     peak, peak_cpu = matmul_peak()
-    flops = step_flops(ours, B * T, T)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    print(f"model {args.model} ({sum(p.numel() for p in ours.parameters()) / 1e6:.2f}M params), batch {B} x {T} "
+    model, _ = load_model(args.model, seed=0)
+    flops = step_flops(model, B * T, T)
+    med = {k: statistics.median(v["wall"]) for k, v in res.items()}
+    med_cpu = {k: statistics.median(v["cpu"]) for k, v in res.items()}
+    print(f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), batch {B} x {T} "
           f"tokens, fp32, {torch.get_num_threads()} threads; matmul peak {peak / 1e9:.1f} GFLOP/s; "
-          f"{flops / 1e9:.1f} GFLOP/step (matmul peak per CPU-second {peak_cpu / 1e9:.1f} GFLOP/s)")
+          f"{flops / 1e9:.1f} GFLOP/step (matmul peak per CPU-second {peak_cpu / 1e9:.1f} GFLOP/s); "
+          f"{args.rounds} processes x {args.repeats} steps per side")
     print(f"{'':15s}{'wall s/step':>12s}{'tokens/s':>10s}{'MFU':>7s}{'CPU s/step':>12s}{'tokens/CPU-s':>14s}"
           f"{'MFU(CPU)':>10s}   wall s per step")
-    for name in steps:
+    for name in res:
         print(f"{name:15s}{med[name]:12.3f}{B * T / med[name]:10.0f}{flops / med[name] / peak:7.1%}"
               f"{med_cpu[name]:12.3f}{B * T / med_cpu[name]:14.0f}{flops / med_cpu[name] / peak_cpu:10.1%}   "
-              + " ".join(f"{t:.2f}" for t in times[name]))
-    for name in ("ankus", "ankus-bf16head"):
+              + " ".join(f"{t:.2f}" for t in res[name]["wall"]))
+    for name in ("ankus", "ankus-bf16head", "plain+reuse"):
         print(f"ratio {name}/plain tokens/s: wall {med['plain'] / med[name]:.2f}x, "
               f"CPU time {med_cpu['plain'] / med_cpu[name]:.2f}x")
-        diff = max(abs(a - b) for a, b in zip(losses[name], losses["plain"]))
-        print(f"  {name} losses equal plain's to within {diff:.2g} over {len(losses[name])} steps")
+        diff = max(abs(a - b) for a, b in zip(res[name]["loss"], res["plain"]["loss"]))
+        print(f"  {name} losses equal plain's to within {diff:.2g} over {len(res[name]['loss'])} steps")
 
 
 if __name__ == "__main__":

@@ -283,3 +283,26 @@ def test_rollout_bf16_falls_back_to_fp32_with_a_warning_where_bf16_cannot_run(mo
     with caplog.at_level("WARNING", logger="ankus.rl"):
         assert rollout_config(model, cfg, bf16=True) is cfg
     assert "sampled in fp32" in caplog.text and "no oneDNN here" in caplog.text
+
+
+def test_auto_rollout_precision_is_decided_once_and_kept_by_a_resumed_run(tmp_path, monkeypatch):
+    """method.rollout_bf16=auto (the default) measures once, at the first iteration; the choice
+    goes into the checkpoint, so a resumed run samples as the first did without measuring again."""
+    from ankus.generation import onednn
+    from ankus.rl import rollouts
+
+    seen = []
+    real = rollouts.generate
+
+    def spy(model, tok, prompts, config, *a, **k):
+        seen.append(config.bf16)
+        return real(model, tok, prompts, config, *a, **k)
+
+    monkeypatch.setattr(rollouts, "generate", spy)
+    monkeypatch.setattr(rollouts, "fastest_path", lambda *a, **k: (onednn.PACKED_BF16, {}))
+    ankus.train(_recipe(tmp_path, trainer={"total_steps": 1, "checkpoint_every": 1}), reward_fn=length_reward)
+    assert seen == [True]
+    monkeypatch.setattr(rollouts, "fastest_path", lambda *a, **k: pytest.fail("measured again after resuming"))
+    ankus.train(_recipe(tmp_path, trainer={"total_steps": 2, "checkpoint_every": 1}), reward_fn=length_reward,
+                resume=True)
+    assert seen == [True, True]

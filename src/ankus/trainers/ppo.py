@@ -108,9 +108,8 @@ class PPOMethod:
     (samples_per_prompt > 1): the same numbers up to float rounding, ~1.7x less work at k=4
     (ankus.models.prefix; under Hydra the scoring forward only). false = every row runs its prompt."""
     rollout_bf16: bool | Literal["auto"] = "auto"
-    """CPU: sample rollouts with bf16 packed linears. Scoring and updates stay fp32, so it changes
-    which tokens are drawn, not the gradient; held-out evaluation samples in fp32. auto = bf16 where
-    measured >= 1.15x faster than fp32 on this machine and policy (not timed under 64 MiB of weights: fp32)."""
+    """CPU: rollouts sampled with bf16 packed linears; scoring, updates and held-out evaluation stay fp32.
+    auto = where measured >= 1.15x faster than fp32 here (ankus.generation.path_timing)."""
     reuse_update_forward: bool = True
     """GRPO with ppo_epochs 1 and one minibatch (TRL's num_iterations=1), reference lora/copy: take
     the behaviour log-probs from the update's own forward, detached, skipping the scoring phase's
@@ -225,14 +224,16 @@ class LoopState:
     running: RunningMoments = field(default_factory=RunningMoments)
     ref_std: float | None = None
     before: list | None = None
+    rollout_bf16: bool | None = None  # method.rollout_bf16 resolved at the first iteration (auto: measured)
 
     def extra(self) -> dict:
         return {"before": self.before, "ref_std": self.ref_std, "kl_ctl": self.kl_ctl.state_dict(),
-                "running": self.running.state_dict(), "prompt_rng": self.prompt_rng.getstate()}
+                "running": self.running.state_dict(), "prompt_rng": self.prompt_rng.getstate(),
+                "rollout_bf16": self.rollout_bf16}
 
     def load(self, state: dict) -> int:
         """Restore from a checkpoint's state; -> its iteration."""
-        self.before, self.ref_std = state["before"], state["ref_std"]
+        self.before, self.ref_std, self.rollout_bf16 = state["before"], state["ref_std"], state.get("rollout_bf16")
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.running.load_state_dict(state["running"])
         version, internal, gauss = state["prompt_rng"]  # JSON made the tuples lists
@@ -336,7 +337,7 @@ def _iteration(nets: Nets, opt, guard, loop: LoopState, cfg: Config, tok, reward
     prompts = [loop.prompt_rng.choice(train_prompts) for _ in range(n_prompts * distributed.world_size())]
     prompts = [cfg.data.template.format(prompt=p) for p in distributed.shard(prompts)
                for _ in range(m.samples_per_prompt)]
-    batch, t_gen = _collect(nets, tok, reward_fn, cfg, prompts, loop.gen, it, run_dir)
+    batch, t_gen = _collect(nets, tok, reward_fn, cfg, prompts, loop, it, run_dir)
     seq_scores = batch.scores if batch.scores.dim() == 1 else batch.scores.sum(1)  # (B,) before scaling
     batch.scores, loop.ref_std = scale_scores(batch.scores, m.scale_reward, loop.running, loop.ref_std)
     beta = loop.kl_ctl.value
@@ -352,16 +353,17 @@ def _iteration(nets: Nets, opt, guard, loop: LoopState, cfg: Config, tok, reward
             "time/train_s": t_train, "perf/tokens_per_s": n_tokens / max(t_gen, 1e-9), "lr": opt.param_groups[0]["lr"]}
 
 
-def _collect(nets: Nets, tok, reward_fn, cfg: Config, prompts: list[str], gen, it: int,
+def _collect(nets: Nets, tok, reward_fn, cfg: Config, prompts: list[str], loop: LoopState, it: int,
              run_dir: Path) -> tuple[Rollouts, float]:
     """This iteration's rollouts, sampled and scored, and the sampling's seconds; a reward failure
     anywhere saves the policy and stops every process."""
-    m = cfg.method
-    t0 = time.perf_counter()
+    m, t0 = cfg.method, time.perf_counter()
     nets.policy.eval()
     with torch.no_grad(), distributed.full_params(nets.policy):
-        gen_cfg = rollout_config(nets.policy, cfg.generation, m.rollout_bf16, m.chunk_size)
-        out = generate_rollouts(nets.policy, tok, prompts, gen_cfg, m.chunk_size, gen)
+        if loop.rollout_bf16 is None:  # decided once per run and checkpointed: a resumed run samples alike
+            loop.rollout_bf16 = rollout_config(nets.policy, cfg.generation, m.rollout_bf16, m.chunk_size).bf16
+        gen_cfg = rollout_config(nets.policy, cfg.generation, loop.rollout_bf16, m.chunk_size)
+        out = generate_rollouts(nets.policy, tok, prompts, gen_cfg, m.chunk_size, loop.gen)
     t_gen = time.perf_counter() - t0
     raw, error = rewards_everywhere(reward_fn, prompts, out.texts, it, cfg.reward.on_main)
     if error is not None:

@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ankus import distributed
-from ankus.allocator import reuse_freed_memory
+from ankus.allocator import TRIM_EVERY, release_freed_memory, reuse_freed_memory
 from ankus.config import ConfigError, ModelConfig, RunConfig, TrainerConfig
 from ankus.data.batching import Batch, packing_is_exact
 from ankus.data.corpus import Corpus, load_corpus, tokenizer_fingerprint, tokenizer_name
@@ -422,7 +422,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                initial=start, total=tc.total_steps)
     if start == 0:
         snapshot(0)
-    with GracefulExit() as stop, reuse_freed_memory(cfg.method.reuse_freed_memory):
+    with GracefulExit() as stop, reuse_freed_memory(cfg.method.reuse_freed_memory) as reusing:
         for step in bar:
             # step -> (epoch, batch): a function of (seed, epoch) only, so a resumed run sees the same rows
             epoch, b = divmod(step, per_epoch)
@@ -437,6 +437,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             total, grad_norm, lr = _step(model, micro, params, opt, sched, guard, tc, (chunk, head_dtype), sharded)
             dt = time.perf_counter() - t0
             done = step + 1
+            if reusing and done % TRIM_EVERY == 0:
+                release_freed_memory()
             metrics = {"loss/train": total, "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch,
                        "tokens": done * global_batch * d.seq_length,
                        "perf/tokens_per_s": global_batch * d.seq_length / max(dt, 1e-9), "skipped_steps": guard.skipped,
