@@ -384,8 +384,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     tc, d = cfg.trainer, cfg.data
     ds = distributed.setup(fsdp_ok=True, shard=tc.fsdp)
-    device = distributed.resolve_device(tc.device)
-    sharded = distributed.use_fsdp(tc.fsdp)
+    device, sharded = distributed.resolve_device(tc.device), distributed.use_fsdp(tc.fsdp)
     chunk = 0 if sharded else cfg.method.loss_chunk  # under FSDP the head's weight is a shard outside forward
     head_dtype = _check_config(cfg, sharded, chunk)
     run_dir = distributed.on_main(create_run_dir, cfg.run, "pretrain", cfg, exist_ok=resume)
@@ -435,8 +434,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             restart = relora_step(model, opt, cfg.relora, step, tc.seed) if cfg.relora.enabled else {}
             micro = [make_rows(tokens, starts, mb, d.seq_length, d.isolate_documents) for mb in _micro(rows, tc.grad_accum)]
             total, grad_norm, lr = _step(model, micro, params, opt, sched, guard, tc, (chunk, head_dtype), sharded)
-            dt = time.perf_counter() - t0
-            done = step + 1
+            dt, done = time.perf_counter() - t0, step + 1
             if reusing and done % TRIM_EVERY == 0:
                 release_freed_memory()
             metrics = {"loss/train": total, "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch,
