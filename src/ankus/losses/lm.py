@@ -5,7 +5,8 @@ of the step: its logits are N x V floats (N = batch x sequence tokens), and the 
 writes them, their log-softmax and the gradient of both, each as large. :func:`linear_cross_entropy`
 walks the rows ``chunk`` at a time: for each chunk it makes the logits, their log-sum-exp, the loss
 and *already the gradients* (d loss / d logits = softmax - one-hot, times the row's weight) of the
-chunk's hidden states and of the head weight, then drops the logits. The loss is the graph's last
+chunk's hidden states and of the head weight, then drops the logits. The softmax is made in the
+logits' own storage with one ``exp`` (five passes over the (chunk, V) block, no temporary). The loss is the graph's last
 node, so its backward only scales those gradients by the incoming scalar: the head costs the same
 three matrix products as the ordinary path, and peak memory holds one chunk's logits.
 
@@ -38,14 +39,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             t = targets[s:s + chunk]  # (c,)
             w = row_weights[s:s + chunk].to(acc)  # (c,)
             logits = (h @ w_mm.T).to(acc)  # (c, V); no copy when already acc
-            lse = torch.logsumexp(logits, -1)  # (c,)
             picked = logits.gather(1, t[:, None]).squeeze(1)  # (c,) the target's logit
-            total += ((lse - picked) * w).sum()
+            top = logits.amax(-1)  # (c,)
+            exps = logits.sub_(top[:, None]).exp_()  # (c, V) exp(logit - max), in the logits' storage
+            sums = exps.sum(-1)  # (c,)
+            total += ((top + sums.log() - picked) * w).sum()  # log-sum-exp - target logit
             if not (need_h or need_w):
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # (c, V) softmax, in the logits' storage
-            probs[torch.arange(len(t), device=t.device), t] -= 1.0  # softmax - one-hot
-            probs.mul_(w[:, None])  # (c, V) d loss / d logits
+            probs = exps.mul_((w / sums)[:, None])  # (c, V) softmax x row weight, still in place
+            probs[torch.arange(len(t), device=t.device), t] -= w  # (softmax - one-hot) x w = d loss / d logits
             probs = probs.to(mm)
             if need_h:
                 grad_h[s:s + chunk] = probs @ w_mm  # (c, H)
