@@ -7,6 +7,8 @@
   python experiments/long_context.py control   # (b) again with controls: stage 1 (if its model is absent), the
                                                #     YaRN fine-tune and the same fine-tune unscaled (and linear s=4),
                                                #     every model evaluated with the same commands
+  python experiments/long_context.py span      # the base model and each arm over 4x more text (16 x 1024 tokens),
+                                               #     at 128..1024 (1024: past every fine-tune's length)
   python experiments/long_context.py merge     # combined tables and plots from the steps' table.csv files
 
 Every step is an `ankus` command run as a subprocess; its wall time goes to timings_<part>.json and its
@@ -130,6 +132,18 @@ def control() -> None:
     merge_control()
 
 
+def span() -> None:
+    """Perplexity of the unscaled base model and of each fine-tuned arm (as saved) over 16 x 1024 held-out tokens
+    (twice the 8 x 512 of the tables above), the same span at every length; 1024 extrapolates past 512."""
+    t: dict = {}
+    models = {"base": BASE, **{name: Path("runs") / a[-1].split("=", 1)[1] / "model" for name, a in ARMS.items()}}
+    for name, model in models.items():
+        out = OUT / f"span_{name}_ppl"
+        step(out.name, ["eval", "perplexity-by-length", "--model", str(model), "--scalings", "none", "--original-max",
+                        "512", "--lengths", "128,256,512,1024", "--corpus", "runs/corpora/stdlib", "--heldout", "0.02",
+                        "--windows", "16", "--out", str(out)], t, "span")
+
+
 def merge_control() -> None:
     from ankus.evals.long_context import plot_by_length, write_table
 
@@ -171,4 +185,4 @@ def merge() -> None:
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     {"smollm2": smollm2, "scratch": scratch, "redo": redo, "merge": merge, "control": control,
-     "merge_control": merge_control}[sys.argv[1]]()
+     "merge_control": merge_control, "span": span}[sys.argv[1]]()
