@@ -9,6 +9,8 @@
                                                #     every model evaluated with the same commands
   python experiments/long_context.py span      # the base model and each arm over 4x more text (16 x 1024 tokens),
                                                #     at 128..1024 (1024: past every fine-tune's length)
+  python experiments/long_context.py paired    # per-window NLL on that span, each arm minus the control, with
+                                               #     the standard error of the paired differences (in process)
   python experiments/long_context.py merge     # combined tables and plots from the steps' table.csv files
 
 Every step is an `ankus` command run as a subprocess; its wall time goes to timings_<part>.json and its
@@ -144,6 +146,45 @@ def span() -> None:
                         "--windows", "16", "--out", str(out)], t, "span")
 
 
+def paired() -> None:
+    """Per-window mean NLL of every model on span()'s text (windows of 512 and 1024), and each model minus
+    the unscaled control: mean difference and its standard error over the windows (paired_<n>.csv)."""
+    import numpy as np
+    import torch
+
+    from ankus.data.corpus import load_corpus
+    from ankus.models.loading import load_model
+    from ankus.trainers.pretrain import split_documents
+
+    t0 = time.perf_counter()
+    corpus = load_corpus("runs/corpora/stdlib")
+    held = split_documents(len(corpus.documents), 0.02, 0)[1]
+    tokens = np.concatenate([corpus.documents[i] for i in held])[:16 * 1024]  # (16384,)
+    models = {"base": BASE, **{name: Path("runs") / a[-1].split("=", 1)[1] / "model" for name, a in ARMS.items()}}
+    nll: dict[tuple[str, int], np.ndarray] = {}
+    for name, path in models.items():
+        model = load_model(str(path))[0].eval()
+        for n in (512, 1024):
+            ids = torch.as_tensor(tokens.reshape(-1, n), dtype=torch.long)  # (W, n)
+            with torch.no_grad():
+                nll[name, n] = np.array([torch.nn.functional.cross_entropy(
+                    model(input_ids=row[None]).logits[0, :-1].float(), row[1:]).item() for row in ids])  # (W,)
+    for n in (512, 1024):
+        rows = []
+        for name in models:
+            d = nll[name, n] - nll["control", n]  # (W,)
+            rows.append({"model": name, "length": n, "windows": len(d), "nll": round(float(nll[name, n].mean()), 4),
+                         "minus_control": round(float(d.mean()), 4),
+                         "stderr": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4),
+                         "windows_below_control": int((d < 0).sum())})
+        with open(OUT / f"paired_{n}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        print(*(", ".join(f"{k}={v}" for k, v in r.items()) for r in rows), sep="\n")
+    print(f"paired: {time.perf_counter() - t0:.1f} s")
+
+
 def merge_control() -> None:
     from ankus.evals.long_context import plot_by_length, write_table
 
@@ -185,4 +226,5 @@ def merge() -> None:
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     {"smollm2": smollm2, "scratch": scratch, "redo": redo, "merge": merge, "control": control,
-     "merge_control": merge_control, "span": span}[sys.argv[1]]()
+     "merge_control": merge_control, "span": span,
+     "paired": paired}[sys.argv[1]]()
