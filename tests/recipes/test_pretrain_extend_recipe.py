@@ -41,3 +41,22 @@ def test_pretrain_extend_on_a_tiny_model(tmp_path: Path):
     assert rotary_modules(model)[0].inv_freq.equal(rotary_modules(short)[0].inv_freq)
     metrics = [json.loads(line) for line in (tmp_path / "ext" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss/val" in m for m in metrics)
+
+
+def test_the_experiment_arms_change_only_the_scaling():
+    """experiments/long_context.py control: the YaRN fine-tune, its unscaled control and linear s=4 are
+    pretrain_extend with the same steps, lr, data and seed; only rope and the run's name differ."""
+    import dataclasses
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "experiments" / "long_context.py"
+    spec = importlib.util.spec_from_file_location("long_context_experiment", path)
+    lc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lc)
+    recipe = read_yaml(resolve_recipe("pretrain_extend"))
+    arms = {name: build(Config, recipe, overrides) for name, overrides in lc.ARMS.items()}
+    assert {name: (c.rope.method, c.rope.factor) for name, c in arms.items()} == {
+        "yarn": ("yarn", 4.0), "control": ("none", 1.0), "linear": ("linear", 4.0)}
+    same = [dataclasses.replace(c, rope=arms["yarn"].rope, run=arms["yarn"].run) for c in arms.values()]
+    assert all(c == same[0] for c in same)
+    assert len({c.run.name for c in arms.values()}) == 3
