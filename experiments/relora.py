@@ -1,6 +1,7 @@
 """Full-rank vs LoRA vs ReLoRA pretraining at equal steps, small scale on one CPU thread.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 10 python experiments/relora.py   # ~15 min
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 10 python experiments/relora.py \
+        --steps 200 --warm 50 --reset 25 --restart-warmup 5   # ~20 min (five arms)
 
 llama-5m (5.1M parameters, SmolLM2 tokenizer) on the Python standard library's sources, the same
 data order, batch 8 x 128 tokens, AdamW, warm-up + cosine:
