@@ -1,6 +1,7 @@
 """Full-rank vs LoRA vs ReLoRA pretraining at equal steps, small scale on one CPU thread.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 10 python experiments/relora.py   # ~15 min
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 10 python experiments/relora.py \
+        --steps 200 --warm 50 --reset 25 --restart-warmup 5   # ~20 min (five arms)
 
 llama-5m (5.1M parameters, SmolLM2 tokenizer) on the Python standard library's sources, the same
 data order, batch 8 x 128 tokens, AdamW, warm-up + cosine:
@@ -9,7 +10,11 @@ data order, batch 8 x 128 tokens, AdamW, warm-up + cosine:
 * ``lora``: --warm full-rank steps, then rank-r adapters on every attention and MLP linear for the
   rest, never merged (ReLoRA with reset_every > steps);
 * ``relora``: the same warm start, then adapters merged and restarted every --reset steps
-  (magnitude pruning 0.9 of their Adam moments, --restart-warmup LR re-warm-up).
+  (magnitude pruning 0.9 of their Adam moments, --restart-warmup LR re-warm-up);
+* ``lora-emb`` and ``relora-emb``: ``lora`` and ``relora`` with ``relora.train_embeddings=true``
+  (the embeddings, output head and norms trained in full next to the adapters, as in the paper).
+
+``--arms relora-emb,full`` runs a subset (the table lists those present; a finished run is reused).
 
 Per run (each in its own process): final validation loss, trainable parameters after the warm
 start, peak RSS, median s/step over the post-warm-start steps, and the numerical rank of the
@@ -53,6 +58,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--out", default="runs/experiments/relora")
+    ap.add_argument("--arms", default="full,lora,relora,lora-emb,relora-emb", help="comma-separated runs to do")
     args = ap.parse_args()
     from ankus.models.relora import update_rank
 
@@ -66,8 +72,10 @@ def main() -> None:
     adapters = ["relora.enabled=true", f"relora.r={args.r}", f"relora.alpha={args.alpha}",
                 f"relora.warm_start_steps={args.warm}", f"relora.restart_warmup={args.restart_warmup}",
                 "relora.prune=magnitude", "relora.prune_ratio=0.9"]
-    runs = {"full": [], "lora": [*adapters, f"relora.reset_every={args.steps + 1}"],
-            "relora": [*adapters, f"relora.reset_every={args.reset}"]}
+    lora, relora, emb = f"relora.reset_every={args.steps + 1}", f"relora.reset_every={args.reset}", "relora.train_embeddings=true"
+    arms = {"full": [], "lora": [*adapters, lora], "relora": [*adapters, relora],
+            "lora-emb": [*adapters, lora, emb], "relora-emb": [*adapters, relora, emb]}
+    runs = {name: arms[name] for name in args.arms.split(",")}
     rows = []
     for name, extra in runs.items():
         done = out / f"{name}.json"  # a finished run is reused (delete it to rerun)
@@ -86,9 +94,9 @@ def main() -> None:
     plot(out, list(runs))
     print(f"\nllama-5m on {args.corpus}, {args.steps} steps (warm start {args.warm} full-rank steps for lora/relora), "
           f"r={args.r}, alpha={args.alpha}, relora reset every {args.reset}")
-    print(f"{'run':<8}{'val loss':>9}{'trainable':>11}{'peak RSS MB':>12}{'s/step':>8}{'update rank':>12}")
+    print(f"{'run':<12}{'val loss':>9}{'trainable':>11}{'peak RSS MB':>12}{'s/step':>8}{'update rank':>12}")
     for r in rows:
-        print(f"{r['run']:<8}{r['val_loss']:>9.3f}{r['trainable_params']:>11}{r['peak_rss_mb']:>12}{r['s_per_step']:>8}"
+        print(f"{r['run']:<12}{r['val_loss']:>9.3f}{r['trainable_params']:>11}{r['peak_rss_mb']:>12}{r['s_per_step']:>8}"
               f"{r['update_rank']:>8}/{r['max_rank']}")
     print(f"wall {time.time() - t0:.0f} s; wrote {out}/summary.csv, relora.png")
 

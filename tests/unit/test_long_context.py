@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ankus import load_model
-from ankus.evals.long_context import compare_scalings, passkey, passkey_ids, passkey_trial, perplexity_by_length
+from ankus.evals.long_context import compare_scalings, passkey, passkey_ids, passkey_trial, perplexity_by_length, \
+    window_nll
 
 V = 49152  # the tiny-llama tokenizer's vocabulary: every token id is a valid index
 
@@ -92,6 +93,27 @@ def test_every_length_scores_the_same_text():
     assert [r["windows"] for r in rows] == [8, 4, 2]
     spans = [sum(model.seen[:8], []), sum(model.seen[8:12], []), sum(model.seen[12:], [])]
     assert spans == [list(range(32))] * 3  # the first 2 x 16 tokens, whatever the window length
+
+
+def test_chunked_head_equals_the_full_logits(tok):
+    """window_nll applies the head a chunk of rows at a time (no (n, V) logits): the same sum as
+    the ordinary forward's full logits, for chunks that divide n or not; the head's output during
+    the chunked forward is the hidden state (H wide), not logits (V wide)."""
+    model, _ = load_model("tiny-llama")
+    model.eval()
+    ids = torch.tensor([tok.encode("def f(x):\n    return x * 2 + 1\n" * 8)[:50]])  # (1, 50)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1]  # (49, V)
+    full = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+    widths = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: widths.append(o.shape[-1]))
+    for chunk in (1, 7, 49, 1024):
+        assert window_nll(model, ids, chunk) == pytest.approx(full, rel=1e-5)
+    hook.remove()
+    assert set(widths) == {model.config.hidden_size}
+    assert window_nll(model, ids, 0) == pytest.approx(full, rel=1e-6)  # 0: the full logits
+    assert perplexity_by_length(model, ids[0].tolist(), [25], windows=2, chunk=4)[0]["nll"] == pytest.approx(
+        perplexity_by_length(model, ids[0].tolist(), [25], windows=2, chunk=0)[0]["nll"], rel=1e-5)
 
 
 def test_compare_scalings_runs_each_method_on_a_copy(tok):

@@ -25,10 +25,12 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ankus.losses.lm import linear_cross_entropy
+from ankus.models.heads import output_head_bypassed
 from ankus.models.rope import METHODS, scale_rope
 
 __all__ = ["passkey_trial", "passkey_ids", "passkey", "perplexity_by_length", "compare_scalings", "FILLER",
-           "parse_lengths", "parse_scalings", "check_scaling_args", "write_table", "plot_by_length", "MAX_LENGTH"]
+           "window_nll", "parse_lengths", "parse_scalings", "check_scaling_args", "write_table", "plot_by_length", "MAX_LENGTH"]
 
 FILLER = ("Morning light falls on the old stone wall. A cart rolls down the lane and stops by the well. "
           "Someone whistles a tune and walks on. ")
@@ -94,11 +96,35 @@ def passkey(model: nn.Module, tokenizer, lengths: Sequence[int], trials: int = 2
 
 
 @torch.no_grad()
-def perplexity_by_length(model: nn.Module, tokens: Sequence[int], lengths: Sequence[int], windows: int = 4) -> list[dict]:
+def window_nll(model: nn.Module, ids: torch.Tensor, chunk: int = 1024) -> float:
+    """Summed next-token NLL of one window ``ids`` (1, n) (its first token is no target), in nats.
+
+    ``chunk`` > 0: the forward returns the final hidden states (the head bypassed) and the head
+    is applied ``chunk`` rows at a time (:func:`ankus.losses.lm.linear_cross_entropy`), so the
+    (n, V) logits never exist whole (16,384 x 49,152 fp32 is 3.2 GB, and its log-softmax as much
+    again). A model that transforms its logits after the head (soft-capping, a logit scale) or
+    has a head bias falls back to the full logits, as does ``chunk`` = 0."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = ids[0, 1:]  # (n-1,)
+    if chunk > 0 and head is not None and getattr(head, "bias", None) is None:
+        with output_head_bypassed(model) as untouched:
+            hidden = model(input_ids=ids, use_cache=False).logits  # (1, n, H)
+        if untouched(hidden):
+            h = hidden[0, :-1]  # (n-1, H)
+            ones = torch.ones(len(targets), dtype=torch.float32, device=h.device)  # (n-1,)
+            return linear_cross_entropy(h, head.weight.detach(), targets, ones, chunk).item()
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # (n-1, V)
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+
+
+@torch.no_grad()
+def perplexity_by_length(model: nn.Module, tokens: Sequence[int], lengths: Sequence[int], windows: int = 4,
+                         chunk: int = 1024) -> list[dict]:
     """Mean next-token NLL (and its exp) over disjoint windows of each length, every length over the
     same text: the first ``windows x max(lengths)`` tokens, cut into ``span // n`` windows of ``n``.
     (Windows counted per length would score more text for the longer lengths, and text differs
-    in difficulty far more than context helps.) A window's first token is no target."""
+    in difficulty far more than context helps.) A window's first token is no target. ``chunk``:
+    rows of logits made at a time (:func:`window_nll`; 0 = the whole window's logits at once)."""
     device = next(model.parameters()).device
     span = max(lengths) * windows
     if len(tokens) < span:
@@ -108,9 +134,8 @@ def perplexity_by_length(model: nn.Module, tokens: Sequence[int], lengths: Seque
     for n in lengths:
         nll, count = 0.0, 0
         for w in range(span // n):
-            ids = torch.tensor([list(tokens[w * n:(w + 1) * n])], device=device)
-            logits = model(input_ids=ids).logits[0, :-1].float()  # (n-1, V)
-            nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            ids = torch.tensor([list(tokens[w * n:(w + 1) * n])], device=device)  # (1, n)
+            nll += window_nll(model, ids, chunk)
             count += n - 1
         rows.append({"length": n, "windows": span // n, "nll": nll / count, "ppl": math.exp(nll / count)})
     return rows
