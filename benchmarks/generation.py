@@ -14,32 +14,46 @@ In CPU mode a header line says which linear layers ankus runs (``cpu_path_info``
 packed weights, or the model's own when the oneDNN probe fails, with the reason), on which ISA
 and with how many threads; each row names its engine's path, so a fallback cannot pass unseen.
 
-Where the CPU time goes (SmolLM2-135M fp32, batch 16; torch.profiler over 24 decode steps,
-2026-11-26): 74% of the step is the 211 linear layers (oneDNN, packed weights), ~60 ms a step.
+History: where the CPU time went on the machine of 2026-11-26 (SmolLM2-135M fp32, batch 16;
+torch.profiler over 24 decode steps): 74% of the step is the 211 linear layers (oneDNN, packed weights), ~60 ms a step.
 They stream all 540 MB of fp32 weights once per step. On this 2-core VM, reading a 540 MB tensor
 takes 57.5 ms with 2 threads (9.4 GB/s, measured with torch ``sum``), so the linear layers run at
 the memory-bandwidth floor. transformers' step is ~104 ms; at that floor, fp32 can be at most
 ~1.7x faster. ankus measures 1.62-1.65x. The 2x goal needs fewer bytes per weight:
 ``--bf16`` (opt-in: the numbers change) measured 2.07-2.09x.
 
-The memory-bandwidth floor is measured in each CPU run (the median time of ``sum`` over an fp32
-tensor as large as the linear weights, at the run's thread count) and each row prints its tok/s
-as a fraction of the floor for its weight precision. The same "2-core VM" is not the same machine
-from one day to the next. Measured 2026-12-06 on a 2-core AMD EPYC (AVX-512 with bf16, 32 MiB L3),
-idle (load 0.5), ``--batch-sizes 16 --repeats 5 --bf16``, three runs:
+Each CPU run measures its own floor: the memory read bandwidth (the median time of ``sum`` over an
+fp32 tensor as large as the linear weights) and the matmul peak (a 1024^3 product, fp32 and bf16),
+at the run's thread count. The floor of a call is its prefill plus its decode steps, each at the
+slower of reading the linear weights once and doing 2 FLOPs per weight per row at that peak; each
+row prints its tok/s as a fraction of the floor for its weight precision. Before timing, the run
+prints the path ``generate`` takes (measured at start-up by :mod:`ankus.generation.path_timing`:
+one pass over every linear weight through packed oneDNN and plain ``F.linear``, and bf16 for
+PPO's ``rollout_bf16: auto``, with the times), so a slow or fallen-back path shows in the log.
 
-  threads  bandwidth   floor fp32   transformers   ankus fp32             ankus bf16
-     2     29.2 GB/s    868 tok/s     102.8 tok/s   197.1 (1.92x, 23%)     258.2 (2.51x, 15%)
-     2     31.9 GB/s    949 tok/s     123.7 tok/s   210.2 (1.70x, 22%)     275.8 (2.23x, 15%)
-     1     24.5 GB/s    728 tok/s      93.1 tok/s   131.4 (1.41x, 18%)     193.4 (2.08x, 13%)
+Measured 2026-12-06 on the idle 2-core AMD EPYC (AVX-512 with bf16, load < 0.5),
+``--batch-sizes 16 --repeats 5 --bf16``, three runs in a row (2 threads; bandwidth 45-65 GB/s,
+matmul peak 176-189 GFLOP/s fp32, 384-425 bf16)::
 
-This machine reads memory 3x faster than the one of the 2026-11-26 analysis above (9.4 GB/s), so
-here no engine is near the bandwidth floor: the step is bound by compute and per-op overhead at
-16 rows, and the fp32 ratio moves with the thread count (1.41x on one thread, 1.7-1.9x on two)
-and with transformers' own run-to-run spread (103-124 tok/s between two runs minutes apart, while
-ankus' figures agreed within 7%). Both runs took the packed oneDNN path (the header line says so;
-a fallback would print the probe's reason there and in each row's path column). bf16 weights,
-the PPO demo's rollout default (``method.rollout_bf16``), are 2.1-2.5x transformers here.
+  transformers   ankus fp32 (packed)        ankus bf16 (PPO's auto choice here)   floor fp32 / bf16
+  117.9 tok/s    216.7 (1.84x, *)           281.7 (2.39x, *)                      *
+  128.3          217.8 (1.70x, 55%)         286.6 (2.23x, 33%)                    393 / 857 tok/s
+  118.9          223.7 (1.88x, 53%)         278.5 (2.34x, 32%)                    421 / 863
+
+(* the first run still used a decode-only floor, 680 / 1579 tok/s: 32% / 18% of it; the prefill
+of 16 x 32 prompt tokens is ~40% of the work of a call with 48 new tokens, so the second and third
+runs count it.) ankus agrees with itself within 3% over the runs (fp32 and bf16); transformers moves by 9%, which
+is most of the spread in the ratios. The start-up measurement took packed oneDNN (31.5 ms a pass
+over the weights at 16 rows, plain ``F.linear`` 79 ms) and, for PPO, bf16 (19.5 ms). On this
+machine a decode step is compute-bound, not memory-bound: reading the 538 MB of fp32 weights takes
+8-12 ms, their products at the matmul peak 24 ms. So "90% of the bandwidth floor" cannot be met
+here by any engine; against the roofline floor (prefill included) fp32 ankus reaches 53-55%. Where
+the rest goes (torch.profiler, 2 threads, the same call): the linear layers run at about the fp32
+matmul peak (~24 ms a decode step plus ~0.9 s of prefill over 512 prompt tokens); the attention
+(flash SDPA at one query row, ~5 ms a step) and the per-layer norms, rotary and residual
+elementwise ops (~15 ms a step) are the other half. The issue's 1.09x came from another machine,
+where this header was not yet printed; what moves the fp32 ratio on this one is transformers'
+run-to-run spread and the thread count (1.41x on one thread in an earlier run).
 
 In GPU mode the 135M shape is first checked in fp32: the log-probs the engine reports for its
 sampled tokens must equal those of one teacher-forced forward over prompt + response (prompts of
@@ -218,9 +232,22 @@ def read_bandwidth(nbytes: int, repeats: int = 7) -> float:
 
 
 def floor_tok_s(model, batch: int, bandwidth: float, bytes_per_weight: int) -> float:
-    """The memory-bandwidth floor as a ceiling on speed: a decode step cannot take less than
+    """The memory-bandwidth floor as a ceiling on decode speed: a decode step cannot take less than
     reading the linear weights once, so at most ``batch`` tokens per that time."""
     return batch * bandwidth / linear_weight_bytes(model, bytes_per_weight)
+
+
+def roofline_tok_s(model, batch: int, prompt: int, new: int, bandwidth: float, peak: float,
+                   bytes_per_weight: int) -> tuple[float, str]:
+    """(ceiling on new tokens/s for a whole call, what bounds its decode steps): the prefill of
+    batch x prompt tokens and ``new`` decode steps of ``batch`` rows, each no faster than the
+    slower of reading the linear weights once (bandwidth) and doing 2 FLOPs per weight per row at
+    the measured matmul peak (compute). The attention's few FLOPs at short contexts are left out."""
+    weights, nbytes = linear_weight_bytes(model, 1), linear_weight_bytes(model, bytes_per_weight)
+    prefill = max(2 * weights * batch * prompt / peak, nbytes / bandwidth)
+    step_compute, step_memory = 2 * weights * batch / peak, nbytes / bandwidth
+    seconds = prefill + new * max(step_compute, step_memory)
+    return batch * new / seconds, "compute" if step_compute > step_memory else "memory"
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
@@ -233,13 +260,6 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
         a @ b
         times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / statistics.median(times)
-
-
-def compute_floor_tok_s(model, peak: float) -> float:
-    """The arithmetic floor as a ceiling on speed: a decode step does 2 FLOPs per linear weight per
-    row, so at the measured matmul peak at most peak / (2 x weights) tokens per second, whatever the
-    batch (the attention's few FLOPs at short contexts left out)."""
-    return peak / (2 * linear_weight_bytes(model, 1))
 
 
 def compare(name: str, engines: dict, repeats: int, sync, paths: dict | None = None,
@@ -307,10 +327,11 @@ def main() -> None:
                 paths["ankus bf16"] = engine_path(model, b, GenerationConfig(bf16=True))
             floors = {}
             for prec, nbytes in (("fp32", 4), ("bf16", 2)):
-                mem, flop = floor_tok_s(model, b, bandwidth, nbytes), compute_floor_tok_s(model, peaks[prec])
-                floors[prec] = min(mem, flop)
-                print(f"batch {b} {prec}: floor {floors[prec]:.0f} tok/s = min(bandwidth {mem:.0f}, compute {flop:.0f})"
-                      f": {'memory' if mem < flop else 'compute'}-bound")
+                floors[prec], bound = roofline_tok_s(model, b, args.prompt_tokens, new_tokens, bandwidth, peaks[prec],
+                                                     nbytes)
+                print(f"batch {b} {prec}: floor {floors[prec]:.0f} tok/s (prefill + {new_tokens} decode steps at the "
+                      f"roofline; decode {bound}-bound; bandwidth alone would allow "
+                      f"{floor_tok_s(model, b, bandwidth, nbytes):.0f} tok/s of decode)")
             rollout = rollout_config(model, GenerationConfig(), "auto", b)
             print(f"batch {b}: PPO's default rollout path (method.rollout_bf16=auto) here: "
                   f"{'bf16' if rollout.bf16 else 'fp32'} ({describe(fastest_path(model, b, AUTO_CANDIDATES)[1])})")

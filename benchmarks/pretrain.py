@@ -1,48 +1,52 @@
-"""ankus's pretraining step vs a plain transformers training loop, side by side in one process.
+"""ankus's pretraining step vs a plain transformers training loop, side by side in one run.
 
-    .venv/bin/python benchmarks/pretrain.py                          # llama-20m, batch 4 x 256 tokens
+    .venv/bin/python benchmarks/pretrain.py --model llama-20m --batch 4 --seq 128 --repeats 7
     .venv/bin/python benchmarks/pretrain.py --model pythia-20m --batch 8 --seq 512 --repeats 7
 
-Both sides train the same from-scratch model (same seed, fp32, CPU) on the same random token
+Every side trains the same from-scratch model (same seed, fp32, CPU) on the same random token
 rows, one optimizer step at a time, with gradient clipping at 1.0:
 
 * plain: ``loss = model(input_ids, labels=input_ids).loss`` (transformers' own shifted
   cross-entropy over the full (B, T, V) logits), ``backward``, ``clip_grad_norm_``, and a plain
-  ``torch.optim.AdamW`` (its default for-each implementation);
+  ``torch.optim.AdamW`` (its default for-each implementation), with glibc's default malloc;
 * ankus: :func:`ankus.trainers.pretrain.batch_loss` -- the model's forward with its head bypassed
   and :func:`ankus.losses.lm.linear_cross_entropy` making the head's gradients chunk by chunk,
-  never the whole (B, T, V) logits -- then ``backward``, clipping, and ``ankus.optim.make_optimizer``
-  with ``fused=True`` (one AdamW kernel over every tensor), as the trainer runs them.
+  never the whole (B, T, V) logits -- then ``backward``, clipping, ``ankus.optim.make_optimizer``
+  with ``fused=True`` (one AdamW kernel over every tensor), all within
+  :func:`ankus.allocator.reuse_freed_memory`, as the trainer runs them;
+* ankus-bf16head: the same with ``method.head_dtype: bfloat16`` (the head's products in bf16);
+* plain+reuse: the plain loop within ``reuse_freed_memory`` -- how much of ankus's lead is the
+  allocator setting alone, which any loop can have.
 
-The steps alternate (ankus, plain, ankus, ...) so that noise from other jobs hits both alike; the
-table gives medians over ``--repeats`` steps after ``--warmup`` each, tokens/s = B x T / median,
-and MFU = the step's model FLOPs (6 x matmul parameters x tokens, the head included once, plus
-the attention's 12 x layers x T x width x tokens) / the measured peak: the median FLOP/s of a
-large fp32 matrix product on the same threads.
+The allocator setting is process-wide, so each side runs in its own child process, ``--rounds``
+times, in alternating order; the table gives medians over all of a side's timed steps (after
+``--warmup`` each), tokens/s = B x T / median, and MFU = the step's model FLOPs (6 x matmul
+parameters x tokens, the head included once, plus the attention's 12 x layers x T x width x
+tokens) / the measured peak: the median FLOP/s of a large fp32 matrix product on the same threads.
 
-Measured here once (2-core AMD EPYC with AVX512-BF16, shared with four other jobs, so absolute
-numbers are noisy; the ratios are what to read), ``--model llama-20m --batch 4 --seq 128
---repeats 7 --threads 1``. The wall-clock matmul peak was taken while the machine was busier than
-during the steps, hence wall MFU above 100%; the per-CPU-second column is the consistent one:
+Measured 2026-12-06 on the idle 2-core AMD EPYC (AVX512-BF16), ``--model llama-20m --batch 4
+--seq 128 --repeats 7 --threads 1 --rounds 2`` (two runs; the second run's figures in brackets):
 
-    model llama-20m (20.45M params), batch 4 x 128 tokens, fp32, 1 threads; matmul peak 28.8 GFLOP/s;
-    64.8 GFLOP/step (matmul peak per CPU-second 90.6 GFLOP/s)
-                    wall s/step  tokens/s    MFU  CPU s/step  tokens/CPU-s  MFU(CPU)   wall s per step
-    ankus                 2.133       240 105.6%       1.057           484     67.7%   2.17 2.13 1.84 1.57 2.13 2.14 2.65
-    ankus-bf16head        1.866       274 120.7%       0.927           552     77.2%   1.92 1.89 1.85 1.62 1.47 1.87 2.86
-    plain                 2.391       214  94.2%       1.178           435     60.7%   2.39 2.38 2.41 2.40 1.98 2.34 3.68
-    ratio ankus/plain tokens/s: wall 1.12x, CPU time 1.11x
-      ankus losses equal plain's to within 1.9e-06 over 9 steps
-    ratio ankus-bf16head/plain tokens/s: wall 1.28x, CPU time 1.27x
-      ankus-bf16head losses equal plain's to within 0.00029 over 9 steps
+    matmul peak 94.9 GFLOP/s; 64.8 GFLOP/step
+                    s/step   tokens/s   MFU
+    ankus            0.829      618     82.5%      [0.837  612  81.9%]
+    ankus-bf16head   0.614      834    (bf16)      [0.618  828]
+    plain            1.122      456     60.9%      [1.123  456  61.1%]
+    plain+reuse      0.865      592     79.0%      [0.875  585  78.4%]
+    ratio ankus/plain 1.35x [1.34x] (losses within 1.9e-06 over 9 steps); ankus-bf16head/plain
+    1.83x [1.82x] (within 3e-4); plain+reuse/plain 1.30x [1.28x]
 
-The goal of 1.3x over the plain loop is not met in fp32: the output head's three products
-(logits, d hidden, d weight) are most of a 20M model's FLOPs with a 49k vocabulary, and both sides
-do all three; the fused loss saves the (tokens, vocabulary) logits' extra passes and memory
-(~1.1x), the fused AdamW a little. The bf16 head products (``method.head_dtype: bfloat16``, fp32
-softmax and sums) reach ~1.27x, with losses within 3e-4 of fp32. An earlier run at
-``--seq 256 --threads 2`` under a load average of 13 gave per-step times from 7 to 51 s: too
-noisy to rank anything, which is why CPU time on one thread is reported.
+The 1.3x goal over the plain loop is met in fp32, and most of it is memory management, not
+arithmetic: a 20M model with a 49k vocabulary allocates and frees tensors of 50-100 MB each step
+(the head's and the embedding's (V, H) gradients, a chunk of logits), and with glibc's defaults
+each one comes from a fresh ``mmap``, so the kernel maps and zeroes ~0.3 GB of pages per step
+(~0.25 s of a 1.1 s step). ``reuse_freed_memory`` keeps freed blocks in the heap; the plain loop
+given the same setting is only ~4% behind ankus. What ankus's own step adds on top: the fused loss
+never materialises the (tokens, vocabulary) logits' log-softmax and gradient (and makes the softmax
+in place with one exp), and the fused AdamW. The bf16 head products (fp32 softmax and sums) are
+worth another 1.35x. The cost of the allocator setting is peak memory that creeps: peak RSS after
+100 steps 1150 MB with the trainer's periodic trim vs 1038 MB with glibc's defaults (1176 MB
+without the trim), measured with one process per setting under other jobs' load.
 """
 
 from __future__ import annotations
