@@ -32,7 +32,7 @@ _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_MAX = -4
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _DEFAULT_MMAP_MAX = 65536
-TRIM_EVERY = 50
+TRIM_EVERY = 10
 
 
 def _glibc():
@@ -66,7 +66,8 @@ def release_freed_memory() -> None:
     """Hand the heap's free pages back to the OS now (``malloc_trim``; no-op without glibc). Within
     :func:`reuse_freed_memory`, called every ``TRIM_EVERY`` steps by the pretraining loop: the
     blocks freed in a step do not always fit the next step's requests exactly, so free pages
-    slowly pile up in the heap (peak RSS +140 MB over 100 llama-20m steps without this); the next
+    slowly pile up in the heap (idle, 100 llama-20m steps: peak RSS 1038 MB trimming every 10 steps, 1077 MB every 50, 947 MB
+    with glibc's defaults; 0.84 / 0.85 / 0.96 CPU s a step); the next
     step maps the pages it needs again, once."""
     libc = _glibc()
     if libc is not None:
